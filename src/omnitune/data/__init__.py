@@ -1,0 +1,1 @@
+"""Omni data: conversations -> decoded media -> processor inputs + labels -> cache -> batches."""

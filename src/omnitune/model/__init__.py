@@ -1,0 +1,1 @@
+"""Model loading, the tiny test model, and adapters."""

@@ -1,0 +1,231 @@
+"""The recipe: one YAML file says everything about a run, validated before any work starts.
+
+Unknown keys and bad values are errors that name the key, the valid choices and the closest valid
+spelling, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS = ("instruct", "thinking", "captioner", "demo")
+Variant = Literal["instruct", "thinking", "captioner"]
+# Adapter target groups; each maps to real Qwen3-Omni Thinker module or parameter names (model/adapters.py).
+TARGET_GROUPS = ("attention", "experts", "router")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, said in words a user can act on."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("Qwen/Qwen3-Omni-30B-A3B-Instruct", description="hub id, local checkpoint dir, or 'tiny'")
+    variant: Variant = "instruct"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    experts: str = Field("grouped_mm", description="experts implementation: grouped_mm, eager, or a registered one")
+    thinker_only: bool = Field(True, description="load only the Thinker: training text output needs no Talker")
+
+
+class DataConfig(_Section):
+    train: str | None = Field(None, description="JSONL or JSON list of conversations")
+    eval: str | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out from train when no eval file")
+    max_length: int = Field(4096, gt=16)
+    on_error: Literal["fail", "skip"] = "fail"
+    use_audio_in_video: bool = False
+    video_fps: float = Field(2.0, gt=0)
+    video_max_frames: int = Field(64, ge=2)
+    video_max_pixels: int = Field(128 * 32 * 32, ge=32 * 32, description="per frame")
+    image_max_pixels: int = Field(1024 * 32 * 32, ge=32 * 32)
+    image_min_pixels: int = Field(4 * 32 * 32, ge=32 * 32)
+    cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
+    workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> "DataConfig":
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ValueError("data.image_min_pixels must not exceed data.image_max_pixels")
+        return self
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "full"] = "lora"
+    rank: int = Field(64, gt=0)
+    alpha: float = Field(128, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[Literal["attention", "experts", "router"]] = Field(default_factory=lambda: ["attention", "experts"])
+    modules: list[str] = Field(default_factory=list, description="extra full module names (nn.Linear) to adapt")
+    freeze_audio_tower: bool = True
+    freeze_audio_projector: bool = True
+    freeze_vision_tower: bool = True
+    freeze_vision_merger: bool = True
+    freeze_llm: bool = Field(True, description="full fine-tune only: keep the language model frozen")
+
+    @model_validator(mode="after")
+    def _dropout_with_experts(self) -> "AdapterConfig":
+        if self.method == "lora" and self.dropout > 0 and ({"experts", "router"} & set(self.targets)):
+            raise ValueError("adapter.dropout must be 0 when adapter.targets has experts or router "
+                             "(PEFT's parameter LoRA has no dropout)")
+        if self.method == "lora" and not (self.targets or self.modules):
+            raise ValueError("adapter.targets and adapter.modules are both empty: LoRA would train nothing")
+        return self
+
+
+class LossWeights(_Section):
+    text: float = Field(1.0, ge=0)
+    audio: float = Field(0.8, ge=0)
+    vision: float = Field(0.9, ge=0)
+
+
+class TrainConfig(_Section):
+    lr: float = Field(2e-5, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    epochs: float = Field(3, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides epochs")
+    batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(16, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(3, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="default: at every save")
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    router_aux_coef: float | None = Field(None, ge=0, description="default: the checkpoint's router_aux_loss_coef")
+
+
+class DistributedConfig(_Section):
+    strategy: Literal["none", "deepspeed", "fsdp"] = "none"
+    zero_stage: Literal[2, 3] = 2
+
+
+class LogConfig(_Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "omnitune"
+
+
+class Recipe(_Section):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    # Where the recipe came from; relative data paths resolve against it.
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_part(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("name must be non-empty and contain no '/'")
+        return v
+
+    def resolve(self, path: str | None) -> Path | None:
+        """A path from the recipe, relative to the recipe file's directory."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def out(self) -> Path:
+        return self.resolve(self.output_dir)  # type: ignore[return-value]
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections, for cache keys."""
+        blob = json.dumps({s: self.dump()[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("omnitune") / "recipes" / f"{name}.yaml"))
+
+
+def load_recipe(source: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe from a YAML path or a preset name, apply `a.b=c` overrides, validate."""
+    source = str(source)
+    path = Path(source)
+    if path.is_file():
+        base = path.resolve().parent
+    elif source in PRESETS:
+        path, base = preset_path(source), Path.cwd()
+    else:
+        hint = difflib.get_close_matches(source, PRESETS, n=1)
+        raise RecipeError(f"recipe '{source}' is neither a file nor a preset ({', '.join(PRESETS)})"
+                          + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    raw["base_dir"] = str(base)
+    return validate_recipe(raw, origin=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{origin}: invalid recipe\n" + "\n".join(_explain(err) for err in e.errors())) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set '{item}': expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set '{item}': '{p}' is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _explain(err: dict[str, Any]) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"  {loc}: unknown key" + _closest(err["loc"])
+    if err["type"] == "literal_error":
+        return f"  {loc}: {err['input']!r} is not one of {err['ctx']['expected']}"
+    return f"  {loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _closest(loc: tuple) -> str:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    valid = [k for k in model.model_fields if k != "base_dir"]
+    hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    return (f"; did you mean '{hint[0]}'?" if hint else "") + f" (valid: {', '.join(valid)})"
