@@ -72,7 +72,8 @@ class AdapterConfig(_Section):
     freeze_audio_projector: bool = True
     freeze_vision_tower: bool = True
     freeze_vision_merger: bool = True
-    freeze_llm: bool = Field(True, description="full fine-tune only: keep the language model frozen")
+    freeze_llm: bool = Field(False, description="full fine-tune only: keep the language model frozen "
+                             "(under LoRA the base model is always frozen)")
 
     @model_validator(mode="after")
     def _dropout_with_experts(self) -> "AdapterConfig":
