@@ -1,0 +1,41 @@
+"""Fast training kernels for Qwen3-Omni, each beside the plain PyTorch reference it is tested against.
+
+- `moe_experts`: grouped-GEMM experts forward with per-expert LoRA (experts implementation "omnitune").
+- `peft_lora`: `enable_fast_expert_lora(peft_model)` runs PEFT target_parameters LoRA through that path.
+- `loss`: chunked linear + cross-entropy returning per-token losses without holding [N, V] logits.
+"""
+from .loss import chunked_linear_cross_entropy, reference_linear_cross_entropy
+from .moe_experts import (
+    moe_experts_forward,
+    omnitune_experts_forward,
+    reference_experts_forward,
+    register_experts_implementation,
+)
+
+register_experts_implementation("omnitune")
+
+
+def enable_fast_expert_lora(model):
+    """Route PEFT-wrapped fused experts of `model` through the grouped LoRA path (see `peft_lora`)."""
+    from .peft_lora import enable_fast_expert_lora as _enable
+
+    return _enable(model)
+
+
+def disable_fast_expert_lora(model):
+    """Restore PEFT's own forward on the experts wrappers (see `peft_lora`)."""
+    from .peft_lora import disable_fast_expert_lora as _disable
+
+    return _disable(model)
+
+
+__all__ = [
+    "chunked_linear_cross_entropy",
+    "reference_linear_cross_entropy",
+    "moe_experts_forward",
+    "omnitune_experts_forward",
+    "reference_experts_forward",
+    "register_experts_implementation",
+    "enable_fast_expert_lora",
+    "disable_fast_expert_lora",
+]

@@ -1,0 +1,98 @@
+"""Run PEFT `target_parameters` LoRA on fused experts through the omnitune grouped path, reading PEFT's own tensors.
+
+PEFT 0.21 wraps the experts module in nested `ParamWrapper`s (one per targeted parameter). Its forward registers a
+parametrization that folds W + s*B@A for ALL experts on every call. `enable_fast_expert_lora(peft_model)` gives
+each outermost experts wrapper an instance-level forward that collects the wrappers' lora_A / lora_B weights as
+per-expert factors and calls `moe_experts_forward` with them: the adapter parameters, their names, saving,
+loading and `merge_and_unload` stay exactly PEFT's. `disable_fast_expert_lora` removes the override.
+
+PEFT's storage, for a parameter [E, out, in] (after its in/out swap): lora_A.weight [E*r, in] with row e*r + j;
+lora_B.weight [out, r*E] with column j*E + e. Hence A_e = A.reshape(E, r, in)[e], B_e = B.reshape(out, r, E)[..., e].
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from peft.tuners.lora.layer import ParamWrapper
+
+from .moe_experts import PROJECTIONS, ExpertLoRA, moe_experts_forward
+
+_FLAG = "_omnitune_fast_expert_lora"
+
+
+def _chain(wrapper: ParamWrapper) -> tuple[list[ParamWrapper], torch.nn.Module]:
+    wrappers, module = [], wrapper
+    while isinstance(module, ParamWrapper):
+        wrappers.append(module)
+        module = module.base_layer
+    return wrappers, module
+
+
+def _is_fused_experts(module: torch.nn.Module) -> bool:
+    return (
+        all(getattr(module, p, None) is not None and getattr(module, p).dim() == 3 for p in PROJECTIONS)
+        and hasattr(module, "num_experts")
+        and not getattr(module, "is_transposed", False)
+    )
+
+
+def expert_lora_factors(wrapper: ParamWrapper, adapter: str) -> ExpertLoRA:
+    """(A [E, r, in], B [E, out, r], scaling) views of one PEFT ParamWrapper adapter; no copies of the weights."""
+    num_experts = wrapper.num_experts
+    weight_a = wrapper.lora_A[adapter].weight
+    weight_b = wrapper.lora_B[adapter].weight
+    lora_a = weight_a.reshape(num_experts, -1, weight_a.shape[-1])
+    lora_b = weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1)
+    return lora_a, lora_b, wrapper.scaling[adapter]
+
+
+def _fast_path_applies(wrappers: list[ParamWrapper]) -> bool:
+    for w in wrappers:
+        if w.disable_adapters or w.merged or not w._did_swap_in_out_features or w.parameter_name not in PROJECTIONS:
+            return False
+        if any(getattr(w, "lora_bias", {}).get(a, False) for a in w.active_adapters):
+            return False
+    return True
+
+
+def _fast_forward(self: ParamWrapper, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    wrappers, experts = _chain(self)
+    if args or kwargs or not _fast_path_applies(wrappers):
+        return ParamWrapper.forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    lora: dict[str, list[ExpertLoRA]] = {}
+    for w in wrappers:
+        adapters = [a for a in w.active_adapters if a in w.lora_A]
+        lora.setdefault(w.parameter_name, []).extend(expert_lora_factors(w, a) for a in adapters)
+    return moe_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora=lora)
+
+
+def _outermost_expert_wrappers(model: torch.nn.Module) -> list[ParamWrapper]:
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(w.base_layer) for w in wrappers if isinstance(w.base_layer, ParamWrapper)}
+    return [w for w in wrappers if id(w) not in inner and _is_fused_experts(_chain(w)[1])]
+
+
+def enable_fast_expert_lora(model: torch.nn.Module) -> int:
+    """Route every PEFT-wrapped fused-experts module of `model` through the grouped LoRA path; returns how many."""
+    wrappers = _outermost_expert_wrappers(model)
+    for w in wrappers:
+        w.forward = types.MethodType(_fast_forward, w)
+        setattr(w, _FLAG, True)
+    return len(wrappers)
+
+
+def disable_fast_expert_lora(model: torch.nn.Module) -> int:
+    """Undo `enable_fast_expert_lora`: the wrappers run PEFT's own forward again; returns how many were restored."""
+    restored = 0
+    for w in _outermost_expert_wrappers(model):
+        if getattr(w, _FLAG, False):
+            del w.forward
+            delattr(w, _FLAG)
+            restored += 1
+    return restored
+
+
+def fast_expert_lora_enabled(model: torch.nn.Module) -> bool:
+    """True when at least one experts wrapper of `model` runs the omnitune path."""
+    return any(getattr(w, _FLAG, False) for w in _outermost_expert_wrappers(model))
