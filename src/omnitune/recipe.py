@@ -215,7 +215,11 @@ def _explain(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return f"  {loc}: unknown key" + _closest(err["loc"])
     if err["type"] == "literal_error":
-        return f"  {loc}: {err['input']!r} is not one of {err['ctx']['expected']}"
+        msg = f"  {loc}: {err['input']!r} is not one of {err['ctx']['expected']}"
+        if loc.startswith("adapter.targets"):
+            msg += (" (Qwen3-Omni has 128 fused experts per layer, mlp.experts.gate_up_proj/down_proj: "
+                    "'experts' targets them; use adapter.modules for other nn.Linear names)")
+        return msg
     return f"  {loc}: {err['msg']} (got {err.get('input')!r})"
 
 

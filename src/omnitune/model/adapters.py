@@ -70,9 +70,10 @@ def _expand_user_modules(model: nn.Module, names: list[str]) -> list[str]:
     return out
 
 
-def _unfrozen_towers(cfg: AdapterConfig) -> list[str]:
-    """Component prefixes the recipe trains in full (LoRA: saved with the adapter via modules_to_save)."""
-    out = []
+def _unfrozen_towers(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Modules the recipe trains in full (LoRA: saved with the adapter via modules_to_save, which takes no
+    ModuleList, so lists are expanded into their entries)."""
+    out: list[str] = []
     if not cfg.freeze_audio_tower:
         out += ["model.audio_tower"]
     elif not cfg.freeze_audio_projector:
@@ -81,7 +82,14 @@ def _unfrozen_towers(cfg: AdapterConfig) -> list[str]:
         out += ["model.visual"]
     elif not cfg.freeze_vision_merger:
         out += list(COMPONENTS["vision_merger"])
-    return out
+    modules = dict(model.named_modules())
+    expanded = []
+    for name in out:
+        if isinstance(modules.get(name), nn.ModuleList):
+            expanded += [f"{name}.{child}" for child, _ in modules[name].named_children()]
+        elif name in modules:
+            expanded.append(name)
+    return expanded
 
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
@@ -93,14 +101,14 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         raise AdapterError(f"adapter.targets {cfg.targets} matched nothing in this model")
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                           target_modules=modules or None, target_parameters=params or None,
-                          modules_to_save=_unfrozen_towers(cfg) or None)
+                          modules_to_save=_unfrozen_towers(model, cfg) or None)
     return get_peft_model(model, peft_cfg)
 
 
 def _apply_full(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     frozen = [p for on, c in ((cfg.freeze_audio_tower, "audio_tower"), (cfg.freeze_vision_tower, "vision_tower"),
                               (cfg.freeze_llm, "llm")) if on for p in COMPONENTS[c]]
-    thawed = _unfrozen_towers(cfg)  # a projector/merger may be trained inside a frozen tower
+    thawed = _unfrozen_towers(model, cfg)  # a projector/merger may be trained inside a frozen tower
     for name, p in model.named_parameters():
         in_frozen = any(name.startswith(f + ".") for f in frozen)
         in_thawed = any(name.startswith(t + ".") for t in thawed)

@@ -1,0 +1,1 @@
+"""Training: the loss, the HF Trainer glue (atomic checkpoints, resume), and the run entry point."""

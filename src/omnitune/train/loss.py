@@ -1,0 +1,49 @@
+"""The training loss: per-sample modality-weighted token cross-entropy plus the MoE router balance loss.
+
+loss = sum_i w_i * sum_t CE(i, t) / N, where w_i is the sample's modality weight (data/collate.py) and N the
+number of trained tokens in the whole optimizer step (all micro-batches of the gradient accumulation). So
+uniform weights give exactly the mean token CE, and a weight of 0.8 makes that sample's tokens count 0.8x.
+
+The [tokens x vocab] logits are never held whole: the head and the fp32 cross-entropy run chunk by chunk and
+are recomputed chunk by chunk in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def _chunk_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+
+
+def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Per-token CE of next-token prediction: hidden [B, L, H], labels [B, L] -> losses [B, L-1] (0 where masked)."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    keep = (y != IGNORE).nonzero(as_tuple=True)[0]  # only trained positions reach the vocab projection
+    out = torch.zeros(y.shape, dtype=torch.float32, device=h.device)
+    if keep.numel():
+        hk, yk = h.index_select(0, keep), y.index_select(0, keep)
+        parts = []
+        for s in range(0, hk.shape[0], chunk):
+            args = (head, hk[s:s + chunk], yk[s:s + chunk])
+            parts.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_ce(*args))
+        out = out.index_put((keep,), torch.cat(parts))
+    return out.view(labels.shape[0], -1)
+
+
+def weighted_loss(losses: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor | None,
+                  num_items: int | torch.Tensor | None) -> torch.Tensor:
+    """sum_i w_i sum_t CE / N, N = trained tokens in the optimizer step (or in this batch when not given)."""
+    if sample_weight is not None:
+        losses = losses * sample_weight.to(losses)[:, None]
+    n = num_items if num_items is not None else (labels[:, 1:] != IGNORE).sum()
+    return losses.sum() / torch.as_tensor(n, device=losses.device).clamp(min=1)

@@ -1,0 +1,145 @@
+"""`omnitune train`: recipe -> data -> model -> trainer -> run directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from omnitune.model.adapters import apply_adapters, trainable_summary
+from omnitune.model.load import load_processor, load_thinker
+from omnitune.recipe import Recipe
+from omnitune.run_dir import RunDir
+from omnitune.train.trainer import MetricsLog, OmniTrainer
+
+
+@dataclass
+class TrainResult:
+    run: RunDir
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+
+
+def absolute_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with every path made absolute, so RUN/recipe.yaml means the same from anywhere."""
+    r = recipe.model_copy(deep=True)
+    r.output_dir = str(recipe.out)
+    for key in ("train", "eval", "cache_dir"):
+        value = getattr(r.data, key)
+        if value is not None:
+            setattr(r.data, key, str(recipe.resolve(value)))
+    if recipe.model.path != "tiny" and Path(recipe.model.path).expanduser().exists():
+        r.model.path = str(Path(recipe.model.path).expanduser().resolve())
+    return r
+
+
+def router_aux_coef(recipe: Recipe, thinker: torch.nn.Module) -> float:
+    """The balance-loss coefficient, used only when router weights train (LoRA on router, or full FT of the LLM)."""
+    trains_router = ("router" in recipe.adapter.targets if recipe.adapter.method == "lora"
+                     else not recipe.adapter.freeze_llm)
+    if not trains_router:
+        return 0.0
+    coef = recipe.train.router_aux_coef
+    return float(coef if coef is not None else thinker.config.text_config.router_aux_loss_coef)
+
+
+def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingArguments:
+    t = recipe.train
+    eval_steps = t.eval_steps or t.save_steps
+    report = ["wandb"] if recipe.log.wandb else []
+    if recipe.log.wandb:
+        os.environ.setdefault("WANDB_PROJECT", recipe.log.wandb_project)
+    return TrainingArguments(
+        output_dir=str(run.checkpoints), run_name=recipe.name, seed=t.seed, data_seed=t.seed,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
+        remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
+        disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def print_summary(model: torch.nn.Module, console: Console) -> None:
+    table = Table(title="parameters", show_edge=False)
+    for col in ("component", "trainable", "total"):
+        table.add_column(col, justify="right" if col != "component" else "left")
+    rows = trainable_summary(model)
+    for comp, tr, tot in rows:
+        table.add_row(comp, f"{tr:,}", f"{tot:,}")
+    tr_all, tot_all = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    table.add_row("all", f"{tr_all:,}", f"{tot_all:,} ({100 * tr_all / max(tot_all, 1):.3f}% trainable)")
+    console.print(table)
+
+
+def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> TrainResult:
+    """Train as the recipe says; with `resume`, continue from the newest checkpoint of the same run."""
+    from omnitune.data.cache import load_or_prepare
+    from omnitune.data.collate import OmniCollator
+
+    console = console or Console()
+    recipe = absolute_recipe(recipe)
+    run = RunDir(recipe.out)
+    last = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+    if resume and last is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run.checkpoints}")
+    if not resume and last is not None:
+        raise FileExistsError(f"{run.root} already holds checkpoints ({Path(last).name}): pass --resume to "
+                              f"continue, or choose another output_dir (--set output_dir=...)")
+    run.save_recipe(recipe)
+
+    processor = load_processor(recipe.model)
+    train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
+    set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run
+    thinker = load_thinker(recipe.model)
+    model = apply_adapters(thinker, recipe.adapter)
+    print_summary(model, console)
+
+    args = training_arguments(recipe, run, has_eval=eval_ds is not None)
+    callbacks = [MetricsLog(run.metrics)]
+    if recipe.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
+    trainer = OmniTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=OmniCollator(processor.tokenizer.pad_token_id, recipe.train.loss_weights),
+        callbacks=callbacks, router_aux_coef=router_aux_coef(recipe, thinker))
+    try:
+        out = trainer.train(resume_from_checkpoint=last if resume else None)
+    except KeyboardInterrupt:
+        newest = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+        console.print(f"[yellow]interrupted.[/] " + (f"Newest checkpoint: {newest}. Continue with --resume."
+                                                    if newest else "No checkpoint was written yet."))
+        raise
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    save_final(model, processor, run, full=recipe.adapter.method == "full")
+    console.print(f"[green]done[/]: {out.global_step} steps, train loss {out.training_loss:.4f}"
+                  + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "") + f" -> {run.root}")
+    return TrainResult(run, out.global_step, out.training_loss, eval_loss)
+
+
+def save_final(model: torch.nn.Module, processor, run: RunDir, full: bool) -> None:
+    """RUN/adapter (or RUN/model) and RUN/processor, each written to a temp dir and renamed into place."""
+    for target, write in ((run.model if full else run.adapter, model.save_pretrained),
+                          (run.processor, processor.save_pretrained)):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=run.root))
+        write(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)

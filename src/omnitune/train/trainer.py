@@ -1,0 +1,90 @@
+"""HF Trainer glue: our loss (train/loss.py) and checkpoints that are never seen half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import Trainer, TrainerCallback
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from omnitune.train.loss import token_losses, weighted_loss
+
+
+def thinker_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The Qwen3OmniMoeThinkerForConditionalGeneration inside a PeftModel (LoRA layers stay injected)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class OmniTrainer(Trainer):
+    """Trainer whose loss is modality-weighted token CE (+ router balance loss when the router trains)."""
+
+    def __init__(self, *args: Any, router_aux_coef: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.router_aux_coef = router_aux_coef
+        # Our loss is already normalised by the trained tokens of the whole optimizer step.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        sample_weight = inputs.pop("sample_weight", None)
+        thinker = thinker_of(self.accelerator.unwrap_model(model))
+        want_router = self.router_aux_coef > 0 and model.training
+        out = thinker.model(**inputs, output_router_logits=want_router, use_cache=False)
+        loss = weighted_loss(token_losses(out.last_hidden_state, thinker.lm_head, labels), labels,
+                             sample_weight, num_items_in_batch if model.training else None)
+        if want_router:
+            aux = load_balancing_loss_func(out.router_logits, thinker.num_experts, thinker.num_experts_per_tok,
+                                           inputs.get("attention_mask"))
+            # The aux term is per micro-batch: scale it so gradient accumulation sums to one coefficient.
+            loss = loss + self.router_aux_coef * aux.to(loss.device) / self.current_gradient_accumulation_steps
+        return (loss, out) if return_outputs else loss
+
+    def _save_checkpoint(self, model, trial):
+        """Write checkpoint-N in a staging dir, then rename it into place: a crash never leaves a partial one."""
+        final_root = Path(self._get_output_dir(trial=trial))
+        staging = final_root / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        original = self._get_output_dir
+        self._get_output_dir = lambda trial=None: str(staging)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = original  # type: ignore[method-assign]
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        target = final_root / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=str(final_root), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every log (loss, lr, eval_loss, ...) to RUN/metrics.jsonl, the run's curve for eval plots."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume, drop entries past the checkpoint so the file is one clean curve.
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
