@@ -1,0 +1,364 @@
+"""Qwen3-Omni Thinker LoRA training speed: omnitune fast path vs plain transformers grouped_mm + PEFT.
+
+Real widths, random bf16 weights on the GPU (hidden 2048, 48 layers, 32/4 heads, head_dim 128, 128 experts
+top-8, moe_intermediate 768, vocab 152064). Each measurement runs in its own subprocess so the two paths never
+share memory. Parts:
+  layer  one MoE block (router + experts) fwd+bwd at 4096 tokens, expert LoRA r16 (base frozen)
+  model  the 48-layer Thinker text step: LoRA r16 on q/k/v/o + fused experts, gradient checkpointing, batch 1,
+         forward + backward + AdamW step on the LoRA parameters
+  smoke  small sizes on the GPU: grouped_mm availability, fast path vs fp64 reference, zero-token experts
+Usage (GPU machine): PYTHONPATH=/tmp/pp:src python bench/bench_moe_lora.py [--parts smoke,layer,model] [--seqs 4096,8192]
+MFU = tok/s * 4 * 3.042e9 / 770e12 (LoRA: fwd + recompute-free bwd counted as 4N per token, as in issue 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" + BENCH_TINY=1: a dry run of the code paths
+ACTIVE_PARAMS = 3.042e9
+PEAK_FLOPS = 770e12
+REAL = dict(hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, moe_inter=768,
+            vocab=152064, mrope=[24, 20, 20])
+if os.environ.get("BENCH_TINY"):
+    REAL.update(hidden=128, heads=4, kv_heads=2, head_dim=32, experts=16, top_k=4, moe_inter=64, vocab=1000, mrope=[6, 5, 5])
+
+
+def mfu(tok_s: float) -> float:
+    return tok_s * 4 * ACTIVE_PARAMS / PEAK_FLOPS
+
+
+def thinker_config(layers: int, **over):
+    """Thinker config at the real text widths; audio/vision towers tiny (text-only steps never run them)."""
+    from transformers import Qwen3OmniMoeThinkerConfig
+
+    r = dict(REAL, **over)
+    text = dict(vocab_size=r["vocab"], hidden_size=r["hidden"], intermediate_size=6144, num_hidden_layers=layers,
+                num_attention_heads=r["heads"], num_key_value_heads=r["kv_heads"], head_dim=r["head_dim"],
+                num_experts=r["experts"], num_experts_per_tok=r["top_k"], moe_intermediate_size=r["moe_inter"],
+                decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, router_aux_loss_coef=0.001,
+                max_position_embeddings=65536, rms_norm_eps=1e-6, pad_token_id=0,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=r["mrope"],
+                                     interleaved=True, mrope_interleaved=True))
+    audio = dict(num_mel_bins=128, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
+                 output_dim=r["hidden"], downsample_hidden_size=16, n_window=50, n_window_infer=800,
+                 max_source_positions=1500)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=r["hidden"], num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    return Qwen3OmniMoeThinkerConfig(text_config=text, audio_config=audio, vision_config=vision,
+                                     audio_token_id=151675, image_token_id=151655, video_token_id=151656,
+                                     audio_start_token_id=151669, audio_end_token_id=151670,
+                                     vision_start_token_id=151652, vision_end_token_id=151653, user_token_id=872,
+                                     position_id_per_seconds=13)
+
+
+@torch.no_grad()
+def fill_random_(module: torch.nn.Module, std: float = 0.02) -> None:
+    """In-place random init on the device: norms to 1, everything else N(0, std); nothing touches the CPU."""
+    for name, p in module.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std)
+
+
+def build_on_gpu(cls, cfg):
+    from transformers.initialization import no_init_weights
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE), no_init_weights():
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    fill_random_(model)
+    return model
+
+
+def cuda_time_ms(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- one MoE layer
+def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextSparseMoeBlock
+
+    import omnitune.kernels as K
+
+    cfg = thinker_config(1).text_config
+    cfg._experts_implementation = "omnitune" if impl == "ours" else "grouped_mm"
+    block = build_on_gpu(Qwen3OmniMoeThinkerTextSparseMoeBlock, cfg)
+    block.requires_grad_(False)
+    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], init_lora_weights=False,
+                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    block = inject_adapter_in_model(lcfg, block)
+    for n, p in block.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()  # PEFT keeps adapters in fp32 next to a bf16 base (autocast_adapter_dtype)
+            p.requires_grad_(True)
+    if impl == "ours":
+        assert K.enable_fast_expert_lora(block) == 1
+    x = torch.randn(1, tokens, REAL["hidden"], device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def step():
+        out = block(x)
+        out.backward(g)
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = cuda_time_ms(step, warmup=3, iters=20)
+    ms = statistics.median(times)
+    if os.environ.get("BENCH_PROFILE") and DEVICE == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"== profile layer:{impl} (3 steps)\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18),
+              file=sys.stderr, flush=True)
+    return dict(part="layer", impl=impl, tokens=tokens, ms=ms, tok_s=tokens / ms * 1e3,
+                peak_gib=peak_gib())
+
+
+# ----------------------------------------------------------------------------------------------- whole Thinker
+def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int = 4) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    import omnitune.kernels as K
+
+    t0 = time.time()
+    cfg = thinker_config(layers)
+    model = build_on_gpu(Qwen3OmniMoeThinkerForConditionalGeneration, cfg)
+    model.set_experts_implementation("omnitune" if impl == "ours" else "grouped_mm")
+    model.config.use_cache = False
+    prefix = "model.language_model.layers"
+    attn = [f"{prefix}.{i}.self_attn.{p}" for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    experts = [f"{prefix}.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
+    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=attn, target_parameters=experts)
+    model = get_peft_model(model, lcfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if impl == "ours":
+        assert K.enable_fast_expert_lora(model) == layers
+    build_s = time.time() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    ids = torch.randint(0, REAL["vocab"], (1, seq), device=DEVICE)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, : seq // 8] = -100
+    thinker = model.base_model.model
+
+    def step():
+        if impl == "ours":
+            hidden = thinker.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+            shifted = torch.cat([labels[0, 1:], labels.new_full((1,), -100)])
+            per_token = K.chunked_linear_cross_entropy(hidden, thinker.lm_head.weight, shifted)
+            loss = per_token.sum() / (shifted != -100).sum()
+        else:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = cuda_time_ms(step, warmup=2, iters=steps)
+    ms = statistics.median(times)
+    return dict(part="model", impl=impl, seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
+                peak_gib=peak_gib(), build_s=build_s,
+                trainable_params=sum(p.numel() for p in params), times_ms=times)
+
+
+# ----------------------------------------------------------------------------------------------- smoke checks
+def run_smoke() -> dict:
+    from omnitune.kernels.grouped_gemm import grouped_mm_available
+    from omnitune.kernels.loss import chunked_linear_cross_entropy, reference_linear_cross_entropy
+    from omnitune.kernels.moe_experts import moe_experts_forward, reference_experts_forward
+
+    torch.manual_seed(int(time.time()))
+    dev = "cuda"
+    E, H, I, T, K, r, used = 16, 256, 128, 512, 4, 16, 12
+    res = {}
+
+    class Experts(torch.nn.Module):
+        pass
+
+    ex = Experts()
+    ex.num_experts = E
+    ex.act_fn = torch.nn.functional.silu
+    gu = torch.randn(E, 2 * I, H, device=dev, dtype=torch.float64) / H**0.5
+    dn = torch.randn(E, H, I, device=dev, dtype=torch.float64) / I**0.5
+    x = torch.randn(T, H, device=dev, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(used, device=dev)[:K] for _ in range(T)])  # experts 12..15 get no tokens
+    w = torch.softmax(torch.randn(T, K, device=dev, dtype=torch.float64), -1)
+    lora = {"gate_up_proj": [(torch.randn(E, r, H, device=dev, dtype=torch.float64) * 0.05,
+                              torch.randn(E, 2 * I, r, device=dev, dtype=torch.float64) * 0.05, 2.0)],
+            "down_proj": [(torch.randn(E, r, I, device=dev, dtype=torch.float64) * 0.05,
+                           torch.randn(E, H, r, device=dev, dtype=torch.float64) * 0.05, 2.0)]}
+    leaves64 = [x, w, gu, dn] + [t for v in lora.values() for a, b, _ in v for t in (a, b)]
+    for t in leaves64:
+        t.requires_grad_(True)
+    ref = reference_experts_forward(gu, dn, x, idx, w, lora=lora)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * g).sum(), leaves64)
+
+    leaves16 = [t.detach().bfloat16().requires_grad_(True) for t in leaves64]
+    x16, w16, gu16, dn16, a1, b1, a2, b2 = leaves16
+    ex.gate_up_proj, ex.down_proj = gu16, dn16
+    res["grouped_mm_available"] = grouped_mm_available(x16, gu16.transpose(-2, -1))
+    out = moe_experts_forward(ex, x16, idx, w16, lora={"gate_up_proj": [(a1, b1, 2.0)], "down_proj": [(a2, b2, 2.0)]})
+    grads = torch.autograd.grad((out.double() * g).sum(), leaves16)
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    res["fwd_rel"] = rel(out, ref)
+    names = ["x", "routing_w", "gate_up_W", "down_W", "A_gu", "B_gu", "A_down", "B_down"]
+    res["grad_rel"] = {n: rel(a, b) for n, a, b in zip(names, grads, ref_grads)}
+    res["unused_expert_grads_zero"] = all(bool((gr[used:] == 0).all()) for gr in grads[2:])
+    res["all_finite"] = all(bool(torch.isfinite(gr).all()) for gr in grads) and bool(torch.isfinite(out).all())
+
+    h = torch.randn(3000, 512, device=dev, dtype=torch.float64, requires_grad=True)
+    W = (torch.randn(20000, 512, device=dev, dtype=torch.float64) / 512**0.5).requires_grad_(True)
+    lab = torch.randint(0, 20000, (3000,), device=dev)
+    lab[::7] = -100
+    lr = reference_linear_cross_entropy(h, W, lab)
+    gl = torch.autograd.grad(lr.sum(), (h, W))
+    h16, W16 = h.detach().bfloat16().requires_grad_(True), W.detach().bfloat16().requires_grad_(True)
+    lf = chunked_linear_cross_entropy(h16, W16, lab, chunk_size=1024)
+    gf = torch.autograd.grad(lf.sum(), (h16, W16))
+    res["loss_rel"] = rel(lf, lr)
+    res["loss_grad_rel"] = [rel(a, b) for a, b in zip(gf, gl)]
+    ok = res["fwd_rel"] < 2e-2 and all(v < 3e-2 for v in res["grad_rel"].values()) and res["unused_expert_grads_zero"]
+    ok = ok and res["all_finite"] and res["loss_rel"] < 1e-2 and all(v < 2e-2 for v in res["loss_grad_rel"])
+    res["ok"] = bool(ok)
+    res["part"] = "smoke"
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def child(spec: str) -> None:
+    part, *rest = spec.split(":")
+    if part == "smoke":
+        result = run_smoke()
+    elif part == "layer":
+        result = run_layer(rest[0])
+    else:
+        result = run_model(rest[0], int(rest[1]), layers=int(rest[2]) if len(rest) > 2 else 48)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(spec: str, timeout: int) -> dict:
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(spec=spec, error=f"timeout after {timeout}s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if os.environ.get("BENCH_PROFILE"):
+        print("\n".join(ln for ln in proc.stderr.splitlines() if "%" in ln or "==" in ln or "Name" in ln)[-6000:])
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines()
+        oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
+        return dict(spec=spec, error="OOM" if oom else "\n".join(err[-15:]), wall_s=time.time() - t0)
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["wall_s"] = time.time() - t0
+    return out
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| part | path | tokens | ms/step | tok/s | MFU | peak GiB | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in results:
+        if r.get("part") in ("layer", "model") and r.get("impl") == "peft":
+            base[(r["part"], r.get("seq", r.get("tokens")))] = r["ms"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['spec']} | | | {r['error'][:60]} | | | | |")
+            continue
+        if r.get("part") not in ("layer", "model"):
+            continue
+        n = r.get("seq", r.get("tokens"))
+        b = base.get((r["part"], n))
+        label = "omnitune" if r["impl"] == "ours" else "transformers grouped_mm + PEFT"
+        mfu_s = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        rows.append(f"| {r['part']} | {label} | {n} | {r['ms']:.2f} | {r['tok_s']:.0f} | {mfu_s} | "
+                    f"{r['peak_gib']:.1f} | {b / r['ms']:.2f}x |" if b else
+                    f"| {r['part']} | {label} | {n} | {r['ms']:.2f} | {r['tok_s']:.0f} | {mfu_s} | {r['peak_gib']:.1f} | - |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child")
+    ap.add_argument("--parts", default="smoke,layer,model")
+    ap.add_argument("--seqs", default="4096,8192")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per subprocess")
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+
+    import peft
+    import transformers
+
+    info = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    print(json.dumps(info), flush=True)
+    parts = args.parts.split(",")
+    specs = []
+    if "smoke" in parts:
+        specs.append("smoke")
+    if "layer" in parts:
+        specs += ["layer:peft", "layer:ours"]
+    if "model" in parts:
+        for seq in args.seqs.split(","):
+            specs += [f"model:peft:{seq}:{args.layers}", f"model:ours:{seq}:{args.layers}"]
+    results = []
+    out_dir = os.environ.get("OUT", ".")
+    for spec in specs:
+        r = spawn(spec, args.timeout)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        with open(os.path.join(out_dir, "bench_moe_lora.json"), "w") as f:
+            json.dump(dict(info=info, results=results), f, indent=1)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
