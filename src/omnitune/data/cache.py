@@ -1,0 +1,306 @@
+"""Prepare a data file once: validate, decode and render every record in worker processes, cache it on disk.
+
+A cache directory `<cache root>/<file stem>-<key>` holds torch shards of rendered samples and a manifest.json
+written last; the whole directory is built under a temporary name and renamed into place, so a crash or Ctrl-C
+never leaves a directory that a later run trusts. The key hashes the data file's bytes and path, each media
+file's size and mtime, the recipe's data section (minus train/eval/eval_fraction/workers/cache_dir), the model
+variant and the processor's saved files: change any of them and the file is prepared again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnitune.data.render import IGNORE, render
+from omnitune.data.schema import Record, RecordError, read_records
+from omnitune.recipe import DataConfig, Recipe, RecipeError
+
+CACHE_VERSION = 1
+SHARD_BYTES = 256 << 20
+# Rendered in the main process before worker processes are started (see _render_all).
+INLINE_SECONDS = 5.0
+_KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir")
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Rendered samples of one prepared file (or a subset of them), memory-mapped from the cache shards."""
+
+    def __init__(self, directory: str | Path, indices: list[int] | None = None):
+        self.dir = Path(directory)
+        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self._shards = [torch.load(self.dir / s["file"], mmap=True, weights_only=True)
+                        for s in self.manifest["shards"]]
+        self._where = [(si, j) for si, s in enumerate(self._shards) for j in range(len(s))]
+        self.indices = list(range(len(self._where))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        si, j = self._where[self.indices[i]]
+        return self._shards[si][j]
+
+    def subset(self, indices: list[int]) -> "CachedDataset":
+        sub = CachedDataset.__new__(CachedDataset)
+        sub.dir, sub.manifest, sub._shards, sub._where = self.dir, self.manifest, self._shards, self._where
+        sub.indices = [self.indices[i] for i in indices]
+        return sub
+
+    @property
+    def lines(self) -> list[int]:
+        """The source line of each sample."""
+        return [self.manifest["lines"][k] for k in self.indices]
+
+    def stats(self) -> dict[str, Any]:
+        """Records kept and skipped, token lengths, counts per modality, trained tokens."""
+        m = self.manifest
+        lengths = [m["lengths"][k] for k in self.indices]
+        mods: dict[str, int] = {}
+        for k in self.indices:
+            for mod in m["modalities"][k]:
+                mods[mod] = mods.get(mod, 0) + 1
+        return {"file": m["source"], "kept": len(self.indices), "skipped": len(m["skipped"]),
+                "min_len": min(lengths, default=0), "max_len": max(lengths, default=0),
+                "mean_len": float(np.mean(lengths)) if lengths else 0.0, "modalities": mods,
+                "trained_tokens": sum(m["trained"][k] for k in self.indices)}
+
+
+def cache_root(recipe: Recipe) -> Path:
+    """data.cache_dir, or <output_dir>/cache."""
+    return recipe.resolve(recipe.data.cache_dir) if recipe.data.cache_dir else recipe.out / "cache"
+
+
+def resolve_workers(data: DataConfig, n_records: int) -> int:
+    """Worker processes for n_records: data.workers (0 = one per core); 0 means render in this process only."""
+    n = min(data.workers or os.cpu_count() or 1, n_records)
+    return 0 if n <= 1 else n
+
+
+def save_processor(processor, directory: Path) -> str:
+    """Save the processor (so workers can rebuild it) and return a hash of its files."""
+    processor.save_pretrained(directory)
+    h = hashlib.sha256()
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(directory).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(recipe: Recipe, path: Path, records: list[Record | RecordError], processor_hash: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|{path.resolve()}|{recipe.model.variant}|{processor_hash}|".encode())
+    data = {k: v for k, v in recipe.dump()["data"].items() if k not in _KEY_EXCLUDES}
+    h.update(json.dumps(data, sort_keys=True).encode())
+    h.update(path.read_bytes())
+    for r in records:
+        for m in getattr(r, "media", []):
+            st = m.path.stat()
+            h.update(f"|{m.path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def is_valid_cache(directory: Path, key: str) -> bool:
+    """True only for a completely written cache of this key."""
+    try:
+        m = json.loads((directory / "manifest.json").read_text())
+        return (m.get("version") == CACHE_VERSION and m.get("key") == key
+                and all((directory / s["file"]).stat().st_size == s["bytes"] for s in m["shards"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> CachedDataset:
+    """Validate, decode and render every record of one data file, or reuse its valid cache."""
+    console = console or _console()
+    path = Path(path)
+    records = list(read_records(path, recipe.model.variant))
+    root = cache_root(recipe)
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{path.stem}-", dir=root))
+    try:
+        proc_hash = save_processor(processor, work / "processor")
+        key = cache_key(recipe, path, records, proc_hash)
+        final = root / f"{path.stem}-{key}"
+        if is_valid_cache(final, key):
+            console.print(f"[dim]{path}: using cache {final}[/dim]")
+            return CachedDataset(final)
+        samples, skipped = _render_all(recipe.data, processor, work / "processor", records, path, console)
+        _write_cache(work / "out", samples, skipped, key, path)
+        if final.exists():  # an invalid leftover (or another run's): never trusted, replace it
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(work / "out", final)
+        except OSError:
+            if not is_valid_cache(final, key):  # a concurrent run won the rename with a good cache otherwise
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return CachedDataset(final)
+
+
+def _render_all(data: DataConfig, processor, processor_dir: Path, records: list, path: Path, console):
+    """Render valid records (in worker processes when worth it); return kept samples and skipped messages."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    skipped: list[str] = []
+
+    def bad(err: RecordError) -> None:
+        if data.on_error == "fail":
+            raise err
+        skipped.append(str(err))
+        console.print(f"[yellow]skipped[/yellow] {err}")
+
+    todo: list[Record] = []
+    for r in records:
+        if isinstance(r, RecordError):
+            bad(r)
+        else:
+            todo.append(r)
+    results: dict[int, dict] = {}
+    errors: dict[int, RecordError] = {}
+    workers = resolve_workers(data, len(todo))
+    columns = (TextColumn(f"preparing {path.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("render", total=len(todo))
+        # Render here first: worker processes take seconds to start (torch, transformers, the processor), so
+        # they are started only for what is left after INLINE_SECONDS.
+        start, i = time.monotonic(), 0
+        while i < len(todo) and (workers == 0 or time.monotonic() - start < INLINE_SECONDS):
+            try:
+                results[i] = render(processor, todo[i], data)
+            except RecordError as e:
+                bad(e)
+            bar.advance(task)
+            i += 1
+        if i < len(todo):
+            ctx = get_context("spawn")  # fork after torch/tokenizer threads start can deadlock
+            with ProcessPoolExecutor(min(workers, len(todo) - i), mp_context=ctx, initializer=_worker_init,
+                                     initargs=(str(processor_dir), data.model_dump())) as pool:
+                pending = {pool.submit(_worker_render, j, todo[j]) for j in range(i, len(todo))}
+                try:
+                    while pending:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            j, sample, err = fut.result()
+                            if err is not None:
+                                errors[j] = err
+                                if data.on_error == "fail":
+                                    raise err
+                            else:
+                                results[j] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                                              for k, v in sample.items()}
+                            bar.advance(task)
+                finally:
+                    for fut in pending:
+                        fut.cancel()
+            for j in sorted(errors):  # reported in file order once all are in
+                bad(errors[j])
+    samples = [(todo[i].line, results[i]) for i in sorted(results)]
+    if skipped:
+        console.print(f"[yellow]{path}: skipped {len(skipped)} bad record(s)[/yellow]")
+    return samples, skipped
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(processor_dir: str, data: dict) -> None:
+    import warnings
+
+    from transformers import AutoProcessor
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    _WORKER["processor"] = AutoProcessor.from_pretrained(processor_dir)
+    _WORKER["data"] = DataConfig(**data)
+
+
+def _worker_render(i: int, record: Record):
+    try:
+        sample = render(_WORKER["processor"], record, _WORKER["data"])
+    except RecordError as e:
+        return i, None, e
+    # numpy pickles by value; torch tensors would travel as shared-memory handles.
+    return i, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}, None
+
+
+def _write_cache(out: Path, samples: list[tuple[int, dict]], skipped: list[str], key: str, source: Path) -> None:
+    out.mkdir(parents=True)
+    shards, current, size = [], [], 0
+
+    def flush() -> None:
+        nonlocal current, size
+        name = f"shard-{len(shards):05d}.pt"
+        torch.save(current, out / name)
+        shards.append({"file": name, "count": len(current), "bytes": (out / name).stat().st_size})
+        current, size = [], 0
+
+    for _, s in samples:
+        current.append(s)
+        size += sum(v.numel() * v.element_size() for v in s.values() if isinstance(v, torch.Tensor))
+        if size >= SHARD_BYTES:
+            flush()
+    if current or not shards:
+        flush()
+    manifest = {
+        "version": CACHE_VERSION, "key": key, "source": str(source), "created": time.time(), "shards": shards,
+        "lines": [line for line, _ in samples], "skipped": skipped,
+        "lengths": [len(s["input_ids"]) for _, s in samples],
+        "trained": [int((s["labels"] != IGNORE).sum()) for _, s in samples],
+        "modalities": [s["modalities"] for _, s in samples],
+    }
+    # The manifest is written last: a directory without it is never trusted.
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def load_or_prepare(recipe: Recipe, processor, console=None) -> tuple[CachedDataset, CachedDataset | None]:
+    """The train and eval datasets: prepared (or taken from a valid cache), eval from data.eval or held out."""
+    console = console or _console()
+    data = recipe.data
+    if not data.train:
+        raise RecipeError("data.train is not set: give a JSONL file (e.g. --set data.train=train.jsonl)")
+    train = prepare_split(recipe, processor, recipe.resolve(data.train), console)
+    if data.eval:
+        evals = prepare_split(recipe, processor, recipe.resolve(data.eval), console)
+    elif data.eval_fraction > 0 and len(train) > 1:
+        n_eval = min(len(train) - 1, max(1, math.ceil(data.eval_fraction * len(train))))
+        order = np.random.default_rng(recipe.train.seed).permutation(len(train))
+        held = sorted(int(i) for i in order[:n_eval])
+        keep = sorted(int(i) for i in order[n_eval:])
+        train, evals = train.subset(keep), train.subset(held)
+        console.print(f"held out {n_eval} of {len(keep) + n_eval} records for eval (data.eval_fraction="
+                      f"{data.eval_fraction}, seed {recipe.train.seed})")
+    else:
+        evals = None
+    _print_stats(console, "train", train)
+    if evals is not None:
+        _print_stats(console, "eval", evals)
+    return train, evals
+
+
+def _print_stats(console, name: str, ds: CachedDataset) -> None:
+    s = ds.stats()
+    mods = ", ".join(f"{k} {v}" for k, v in sorted(s["modalities"].items()))
+    console.print(f"[bold]{name}[/bold] {s['file']}: {s['kept']} kept, {s['skipped']} skipped; tokens "
+                  f"min {s['min_len']} / mean {s['mean_len']:.1f} / max {s['max_len']}; {mods}; "
+                  f"{s['trained_tokens']} trained tokens")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)

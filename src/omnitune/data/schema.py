@@ -1,0 +1,233 @@
+"""The conversation format: read JSONL or a JSON list and validate every record before any media is touched.
+
+A record is `{"conversations": [{"role": ..., "content": ...}, ...]}` (../shared/DESIGN.md). Content is a string
+or a list of items `{"type": "text", "text": ...}` / `{"type": "audio"|"image"|"video", "<type>": "path"}`;
+media paths are relative to the data file. Every problem becomes a `RecordError` that says `file:line: reason`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+MEDIA_TYPES = ("audio", "image", "video")
+CONTENT_TYPES = ("text",) + MEDIA_TYPES
+ROLES = ("system", "user", "assistant")
+# Placeholders the processor expands; a literal one in user text would desynchronise token and feature counts.
+RESERVED = ("<|audio_pad|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>",
+            "<|audio_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class RecordError(Exception):
+    """A record that cannot be used, located by file and line."""
+
+    def __init__(self, file: str | Path, line: int, reason: str):
+        super().__init__(f"{file}:{line}: {reason}")
+        self.file, self.line, self.reason = str(file), line, reason
+
+    def __reduce__(self):  # survives the trip back from a worker process
+        return (RecordError, (self.file, self.line, self.reason))
+
+
+@dataclass
+class Media:
+    kind: str  # audio | image | video
+    path: Path
+
+
+@dataclass
+class Record:
+    """A validated conversation: messages ready for the chat template, media in the order they are rendered."""
+
+    file: str
+    line: int
+    messages: list[dict[str, Any]]
+    media: list[Media] = field(default_factory=list)
+
+    @property
+    def n_assistant(self) -> int:
+        return sum(m["role"] == "assistant" for m in self.messages)
+
+
+def read_records(path: str | Path, variant: str = "instruct") -> Iterator[Record | RecordError]:
+    """Yield each record of a JSONL file or JSON list, validated; a bad one is yielded as its RecordError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecordError(path, 0, "data file not found") from None
+    except UnicodeDecodeError as e:
+        raise RecordError(path, 0, f"not UTF-8 text: {e}") from None
+    for line, raw in _json_values(path, text):
+        if isinstance(raw, RecordError):
+            yield raw
+            continue
+        try:
+            yield validate_record(raw, path, line, variant)
+        except RecordError as e:
+            yield e
+
+
+def _json_values(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        yield from _json_list(path, text)
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, RecordError(path, i, f"bad JSON: {e.msg} (column {e.colno})")
+
+
+def _json_list(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    # Decode element by element so each record keeps the line it starts on.
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            # The rest of a JSON list cannot be located after a syntax error: report it and stop.
+            yield e.lineno, RecordError(path, e.lineno, f"bad JSON: {e.msg} (column {e.colno}); "
+                                                        "the rest of this JSON list cannot be read")
+            return
+        yield line, value
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            line = text.count("\n", 0, pos) + 1
+            yield line, RecordError(path, line, "bad JSON: expected ',' or ']' after a record")
+            return
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instruct") -> Record:
+    """Check one decoded JSON value; return it as a Record or raise RecordError."""
+    def fail(reason: str) -> RecordError:
+        return RecordError(file, line, reason)
+
+    if not isinstance(raw, dict) or not isinstance(raw.get("conversations"), list):
+        raise fail("a record is an object with a 'conversations' list")
+    turns = raw["conversations"]
+    if not turns:
+        raise fail("'conversations' is empty")
+    base = Path(file).resolve().parent
+    messages: list[dict[str, Any]] = []
+    media: list[Media] = []
+    prev = None
+    for i, turn in enumerate(turns):
+        where = f"turn {i + 1}"
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise fail(f"{where}: a turn is an object with 'role' and 'content'")
+        role = turn["role"]
+        if role not in ROLES:
+            raise fail(f"{where}: unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if role == "system" and i != 0:
+            raise fail(f"{where}: a system turn may only come first")
+        if role == "assistant" and prev != "user":
+            raise fail(f"{where}: wrong role order: an assistant turn must follow a user turn, not "
+                       f"{prev or 'the start'}")
+        # Several user turns in a row (a clip, then a question) render fine and are allowed.
+        if role == "assistant":
+            messages.append(_assistant(turn, where, variant, fail))
+        else:
+            content = _content(turn["content"], role, where, base, media, fail)
+            messages.append({"role": role, "content": content})
+        prev = role
+    if prev != "assistant":
+        raise fail("the last turn must be an assistant turn: only assistant turns are trained")
+    return Record(str(file), line, messages, media)
+
+
+def _content(content: Any, role: str, where: str, base: Path, media: list[Media], fail) -> str | list[dict]:
+    if isinstance(content, str):
+        _check_reserved(content, where, fail)
+        return content
+    if not isinstance(content, list):
+        raise fail(f"{where}: content must be a string or a list of items")
+    items = []
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind not in CONTENT_TYPES:
+            raise fail(f"{where}: unsupported content type {kind!r} (supported: {', '.join(CONTENT_TYPES)})")
+        if kind == "text":
+            if not isinstance(item.get("text"), str):
+                raise fail(f"{where}: a text item needs a string 'text'")
+            _check_reserved(item["text"], where, fail)
+            items.append({"type": "text", "text": item["text"]})
+            continue
+        ref = item.get(kind, item.get("path"))
+        if not isinstance(ref, str) or not ref:
+            raise fail(f"{where}: a {kind} item needs a file path in '{kind}'")
+        if "://" in ref:
+            raise fail(f"{where}: {kind} {ref!r} is a URL; download it and give a local path")
+        p = Path(ref).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            raise fail(f"{where}: {kind} file not found: {p}")
+        media.append(Media(kind, p))
+        items.append({"type": kind, kind: str(p)})
+    return items
+
+
+def _check_reserved(text: str, where: str, fail) -> None:
+    for tok in RESERVED:
+        if tok in text:
+            raise fail(f"{where}: text contains the reserved token {tok}; use a media item instead")
+
+
+def _assistant(turn: dict, where: str, variant: str, fail) -> dict[str, Any]:
+    content = turn["content"]
+    if isinstance(content, list):
+        parts = []
+        for item in content:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "audio":
+                raise fail(f"{where}: audio in an assistant turn is not supported yet (voice training); "
+                           "assistant turns are text only")
+            if kind != "text":
+                raise fail(f"{where}: unsupported content type {kind!r} in an assistant turn (assistant turns "
+                           "are text only)")
+            if not isinstance(item.get("text"), str):
+                raise fail(f"{where}: a text item needs a string 'text'")
+            parts.append(item["text"])
+        text = "".join(parts)
+    elif isinstance(content, str):
+        text = content
+    else:
+        raise fail(f"{where}: content must be a string or a list of text items")
+    _check_reserved(text, where, fail)
+    reasoning = turn.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise fail(f"{where}: 'reasoning_content' must be a string")
+    has_think = "<think>" in text or "</think>" in text
+    if variant != "thinking" and (reasoning or has_think):
+        what = "'reasoning_content'" if reasoning else "a <think> block"
+        raise fail(f"{where}: {what} needs the thinking variant (model.variant is {variant!r}); "
+                   "use --set model.variant=thinking, or drop the reasoning")
+    answer = text.split("</think>")[-1] if "</think>" in text else text
+    if not text.strip() and not (reasoning or "").strip():
+        raise fail(f"{where}: empty assistant turn")
+    if not answer.strip():
+        raise fail(f"{where}: assistant turn has reasoning but an empty answer")
+    if "<think>" in text and "</think>" not in text:
+        raise fail(f"{where}: <think> without </think>")
+    msg: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning:
+        msg["reasoning_content"] = reasoning
+    return msg
