@@ -1,0 +1,172 @@
+"""`omnitune export RUN OUT`: a complete Qwen3-Omni checkpoint in the Hub's own layout, with the training
+merged in, that transformers `from_pretrained`, vLLM and vLLM-Omni load like the original release.
+
+What is written (checked against the released checkpoints and vLLM's loader, see tests/test_export.py):
+- `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, tensor names as released:
+  `thinker.model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight` (per expert; in memory transformers 5.23
+  fuses them into `experts.gate_up_proj` / `experts.down_proj`, and `save_pretrained` splits them back),
+  `thinker.audio_tower.*`, `thinker.visual.*`, `thinker.lm_head.weight`, `talker.*`, `code2wav.*`.
+- `config.json`: Qwen3OmniMoeConfig, architectures [Qwen3OmniMoeForConditionalGeneration]. With `thinker_only`
+  it has `enable_audio_output: false` and no talker/code2wav tensors: the layout of the released Thinking model,
+  which vLLM's Qwen3-Omni Thinker and vLLM-Omni's thinker-only pipeline serve for text.
+- `generation_config.json` with eos <|im_end|> (151645) and a pad token.
+- the processor, tokenizer and chat template the run trained with (RUN/processor).
+No pickle files. Everything is written to a temp dir beside OUT and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
+
+from omnitune.infer import Source, apply_weights, load_generation_processor, resolve_source
+from omnitune.model.load import DTYPES, load_thinker, resolve_model_path
+from omnitune.recipe import Recipe
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Names that only exist on a model still wrapped by PEFT: seeing one in the output means the merge failed.
+WRAPPER_MARKS = ("lora_", "base_layer", "modules_to_save", "original_module", "base_model.model")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done or did not come out right."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    n_tensors: int
+    n_shards: int
+    thinker_only: bool
+    merged: str | None  # 'adapter', 'model' or None (base weights only)
+
+
+def export_run(run_dir: str | Path | Recipe, out_dir: str | Path, thinker_only: bool = False,
+               shard_size: str = "2GB", adapter: str | Path | None = None, dtype: str | None = None,
+               overwrite: bool = False) -> ExportResult:
+    """Merge the run's LoRA (or take its fine-tuned Thinker) into the base and write a complete checkpoint.
+
+    `run_dir` is a run directory; a recipe or checkpoint with `adapter=` works too. `dtype` defaults to the
+    recipe's model.dtype. An existing OUT is replaced only with `overwrite`.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists: choose another directory or pass overwrite (--overwrite)")
+    src = resolve_source(run_dir, adapter=adapter, dtype=dtype)
+    model = build_merged(src, thinker_only=thinker_only)
+    processor = load_generation_processor(src)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        model.generation_config = _generation_config(model, processor.tokenizer)
+        model.save_pretrained(str(tmp), max_shard_size=shard_size, safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        result = verify_export(tmp, thinker_only=thinker_only)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, result["n_tensors"], result["n_shards"], thinker_only,
+                        src.weights[0] if src.weights else None)
+
+
+def build_merged(src: Source, thinker_only: bool) -> Qwen3OmniMoeForConditionalGeneration:
+    """The top-level model (Talker + Code2Wav from the base unless thinker_only) with the trained Thinker in it."""
+    cfg = src.model
+    path = resolve_model_path(cfg.path)
+    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attention, experts_implementation=cfg.experts)
+    if thinker_only:
+        kwargs["enable_audio_output"] = False
+    try:
+        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ExportError(f"cannot load the base checkpoint '{cfg.path}': {e}") from e
+    if not thinker_only and not model.has_talker:
+        raise ExportError(f"the base checkpoint '{cfg.path}' has no Talker (enable_audio_output is off): "
+                          "export with thinker_only (--thinker-only)")
+    if src.weights and src.weights[0] == "model":
+        del model.thinker  # free the base Thinker before loading the fine-tuned one
+        model.thinker = load_thinker(cfg, str(src.weights[1]))
+    elif src.weights:
+        model.thinker = apply_weights(model.thinker, src, merge=True)
+    names = [n for n, _ in model.named_parameters() if any(m in n for m in WRAPPER_MARKS)]
+    if names:
+        raise ExportError(f"the merged model still has adapter parameters (merge failed): {names[:3]}")
+    return model
+
+
+def _generation_config(model, tokenizer) -> GenerationConfig:
+    """The base's generation config (sampling defaults of the release), stopping at <|im_end|>."""
+    gen = GenerationConfig.from_dict(model.generation_config.to_dict())
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is None or im_end == tokenizer.unk_token_id:
+        raise ExportError("the tokenizer has no <|im_end|> token")
+    gen.eos_token_id = im_end
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else im_end
+    return gen
+
+
+def verify_export(out: Path, thinker_only: bool) -> dict[str, int]:
+    """Check what was written: index, shards, no pickles, no adapter names, per-expert tensors, components."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ExportError(f"pickle files in the export: {pickles}")
+    index_file = out / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    else:  # small models fit one shard and transformers writes no index: write one, as the release has
+        from safetensors import safe_open
+
+        single = out / "model.safetensors"
+        with safe_open(str(single), "pt") as f:
+            weight_map = {k: single.name for k in f.keys()}
+        size = single.stat().st_size
+        index_file.write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
+    shards = set(weight_map.values())
+    missing = [s for s in shards if not (out / s).is_file()]
+    if missing:
+        raise ExportError(f"the index names shards that were not written: {missing}")
+    bad = [k for k in weight_map if any(m in k for m in WRAPPER_MARKS)]
+    if bad:
+        raise ExportError(f"adapter tensor names in the export: {bad[:3]}")
+    if any(".mlp.experts.gate_up_proj" in k or k.endswith("mlp.experts.down_proj") for k in weight_map):
+        raise ExportError("fused expert tensors in the export: the Hub layout has one tensor per expert")
+    prefixes = {k.split(".", 1)[0] for k in weight_map}
+    want = {"thinker"} if thinker_only else {"thinker", "talker", "code2wav"}
+    if prefixes != want:
+        raise ExportError(f"the export holds components {sorted(prefixes)}, expected {sorted(want)}")
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        if not (out / name).is_file():
+            raise ExportError(f"{name} was not written")
+    return {"n_tensors": len(weight_map), "n_shards": len(shards)}
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def tensor_layout(checkpoint: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of every tensor in a safetensors checkpoint directory (sharded or not)."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for shard in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out

@@ -1,0 +1,126 @@
+"""export_run on the tiny model: a complete checkpoint in the Hub layout whose logits are the adapter model's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoProcessor, Qwen3OmniMoeForConditionalGeneration
+
+from omnitune.export import ExportError, export_run, tensor_layout
+from omnitune.infer import encode_prompt, prompt_record
+from omnitune.model.load import load_thinker
+from omnitune.model.tiny import tiny_checkpoint
+from omnitune.run_dir import RunDir
+from test_infer_fixtures import full_run_dir, lora_run_dir, media  # noqa: F401  (fixtures)
+
+
+def _inputs(run_root, media_root):
+    run = RunDir(run_root)
+    recipe = run.recipe()
+    proc = AutoProcessor.from_pretrained(str(run.processor))
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "image", "image": "i.png"},
+                                         {"type": "text", "text": "What do you hear and see?"}]}]
+    rec = prompt_record(conv, base_dir=media_root)
+    batch = encode_prompt(proc, rec, recipe.data)
+    batch.pop("use_audio_in_video")
+    return batch
+
+
+@torch.no_grad()
+def _adapter_logits(run_root, batch):
+    run = RunDir(run_root)
+    recipe = run.recipe()
+    kind, wdir = run.weights()
+    if kind == "adapter":
+        model = PeftModel.from_pretrained(load_thinker(recipe.model), str(wdir))  # not merged
+    else:
+        model = load_thinker(recipe.model, str(wdir))
+    return model.eval()(**batch).logits
+
+
+@torch.no_grad()
+def _exported_logits(out, batch, thinker_only):
+    full = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32)
+    assert full.has_talker is (not thinker_only)
+    return full.thinker.eval()(**batch).logits
+
+
+@pytest.mark.parametrize("thinker_only", [False, True])
+def test_export_reloads_with_the_adapter_models_logits(lora_run_dir, media, tmp_path, thinker_only):
+    out = tmp_path / "export"
+    res = export_run(lora_run_dir, out, thinker_only=thinker_only, shard_size="200KB")
+    assert res.merged == "adapter" and res.n_shards > 1
+    batch = _inputs(lora_run_dir, media)
+    want = _adapter_logits(lora_run_dir, batch)
+    got = _exported_logits(out, batch, thinker_only)
+    base = load_thinker(RunDir(lora_run_dir).recipe().model).eval()(**batch).logits
+    assert not torch.allclose(base, want, atol=1e-3), "the test adapter must change the logits"
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_full_finetune_run_exports_its_thinker(full_run_dir, media, tmp_path):
+    out = tmp_path / "export"
+    assert export_run(full_run_dir, out).merged == "model"
+    batch = _inputs(full_run_dir, media)
+    torch.testing.assert_close(_exported_logits(out, batch, False), _adapter_logits(full_run_dir, batch),
+                               atol=0, rtol=0)
+
+
+def test_tensor_names_and_shapes_match_the_hub_layout(lora_run_dir, tmp_path):
+    hub = tensor_layout(tiny_checkpoint())  # written by save_pretrained: the released per-expert layout
+    assert "thinker.model.layers.0.mlp.experts.0.gate_proj.weight" in hub
+    full, thinker = tmp_path / "full", tmp_path / "thinker"
+    export_run(lora_run_dir, full, shard_size="300KB")
+    export_run(lora_run_dir, thinker, thinker_only=True, shard_size="300KB")
+    assert tensor_layout(full) == hub
+    assert tensor_layout(thinker) == {k: v for k, v in hub.items() if k.startswith("thinker.")}
+    for out in (full, thinker):
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(tensor_layout(out))
+        assert all((out / shard).is_file() for shard in set(index["weight_map"].values()))
+
+
+def test_export_writes_config_generation_config_processor_and_no_pickles(lora_run_dir, tmp_path):
+    out = tmp_path / "export"
+    export_run(lora_run_dir, out, thinker_only=True)
+    files = {p.name for p in out.iterdir()}
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "processor_config.json", "chat_template.jinja"} <= files
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3OmniMoeForConditionalGeneration"]
+    assert config["enable_audio_output"] is False
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 151645
+    proc = AutoProcessor.from_pretrained(str(out))
+    msgs = [{"role": "user", "content": "hi"}]
+    assert proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+
+def test_full_export_keeps_talker_and_code2wav_bit_identical(lora_run_dir, tmp_path):
+    out = tmp_path / "export"
+    export_run(lora_run_dir, out)
+    base = tiny_checkpoint() / "model.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(base), "pt") as b:
+        names = [k for k in b.keys() if k.startswith(("talker.", "code2wav."))]
+        assert names
+        for k in names:
+            with safe_open(str(out / index[k]), "pt") as o:
+                assert torch.equal(o.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_export_refuses_to_overwrite_unless_asked(lora_run_dir, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="already exists"):
+        export_run(lora_run_dir, out, thinker_only=True)
+    assert (out / "keep.txt").exists()
+    export_run(lora_run_dir, out, thinker_only=True, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
