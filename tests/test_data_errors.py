@@ -1,0 +1,98 @@
+"""Every bad record is reported as file:line: reason; data.on_error decides between failing and skipping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_helpers import console, media_files, processor, recipe_for, user, write_jsonl
+from omnitune.data.cache import prepare_split
+from omnitune.data.schema import RecordError, read_records
+
+OK = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _bad_records(tmp_path):
+    files = media_files(tmp_path / "media")
+    (tmp_path / "media" / "broken.wav").write_bytes(b"RIFF garbage")
+    (tmp_path / "media" / "broken.mp4").write_bytes(b"\x00\x00\x00 ftyp garbage")
+    a = {"role": "assistant", "content": "ok"}
+    long_text = "word " * 400
+    # (record, expected reason) in line order; line 1 is good.
+    return [
+        (OK, None),
+        ({"conversations": [user(("audio", tmp_path / "media" / "nope.wav")), a]}, "audio file not found"),
+        ({"conversations": [user(("audio", "media/broken.wav")), a]}, "cannot decode audio"),
+        ({"conversations": [user(("video", "media/broken.mp4")), a]}, "cannot decode video"),
+        ({"conversations": [a, {"role": "user", "content": "hi"}]}, "wrong role order"),
+        ({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+         "empty assistant turn"),
+        ({"conversations": [{"role": "user", "content": long_text}, a]}, "over data.max_length=64"),
+        ({"conversations": [{"role": "user", "content": [{"type": "pdf", "pdf": "x.pdf"}]}, a]},
+         "unsupported content type 'pdf'"),
+        ('{"conversations": [', "bad JSON"),
+        ({"conversations": [user(("image", files["image"])),
+                            {"role": "assistant", "content": [{"type": "audio", "audio": "x.wav"}]}]},
+         "not supported yet (voice training)"),
+        ({"conversations": [{"role": "user", "content": "q"},
+                            {"role": "assistant", "content": "a", "reasoning_content": "r"}]},
+         "--set model.variant=thinking"),
+        ({"conversations": [{"role": "user", "content": "q"}]}, "last turn must be an assistant turn"),
+        ({"conversations": [{"role": "user", "content": "q"}, a, {"role": "system", "content": "s"}, a]},
+         "system turn may only come first"),
+        (OK, None),
+    ]
+
+
+def test_each_bad_record_is_reported_with_file_line_and_skipped(tmp_path):
+    cases = _bad_records(tmp_path)
+    path = write_jsonl(tmp_path / "train.jsonl", [r for r, _ in cases])
+    out = console()
+    ds = prepare_split(recipe_for(tmp_path, path, on_error="skip", max_length=64), processor(), path, out)
+    log = out.file.getvalue()
+    for line, (_, reason) in enumerate(cases, 1):
+        if reason:
+            assert f"{path}:{line}: " in log and reason in log.split(f"{path}:{line}: ")[1].splitlines()[0], reason
+    bad = sum(reason is not None for _, reason in cases)
+    assert f"skipped {bad} bad record(s)" in log
+    assert ds.lines == [1, len(cases)] and ds.stats()["skipped"] == bad
+
+
+def test_on_error_fail_stops_at_the_first_bad_record(tmp_path):
+    cases = _bad_records(tmp_path)
+    path = write_jsonl(tmp_path / "train.jsonl", [r for r, _ in cases])
+    with pytest.raises(RecordError) as e:
+        prepare_split(recipe_for(tmp_path, path, on_error="fail", max_length=64), processor(), path, console())
+    assert str(e.value).startswith(f"{path}:2: ") and "audio file not found" in str(e.value)
+    assert not list((tmp_path / "run" / "cache").glob("train-*"))  # nothing cached
+
+
+@pytest.mark.parametrize("kind,reason", [("max_length", "over data.max_length"), ("media", "cannot decode")])
+def test_render_time_errors_fail_too(tmp_path, kind, reason):
+    (tmp_path / "b.wav").write_bytes(b"garbage")
+    first = user(("audio", "b.wav")) if kind == "media" else {"role": "user", "content": "many words " * 20}
+    rec = {"conversations": [first, {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [OK, rec])
+    recipe = recipe_for(tmp_path, path, max_length=32)
+    with pytest.raises(RecordError, match=f"t.jsonl:2: .*{reason}"):
+        prepare_split(recipe, processor(), path, console())
+
+
+def test_json_list_records_keep_their_line_numbers(tmp_path):
+    bad = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + json.dumps(OK) + ",\n\n" + json.dumps(bad, indent=1) + "\n]\n")
+    got = list(read_records(path))
+    assert got[0].line == 2 and isinstance(got[1], RecordError) and str(got[1]).startswith(f"{path}:4: ")
+    path.write_text("[\n" + json.dumps(OK) + ",\n{\"conversations\": oops}\n]")
+    got = list(read_records(path))
+    assert got[0].line == 2 and str(got[1]).startswith(f"{path}:3: bad JSON")
+
+
+def test_media_paths_are_relative_to_the_data_file(tmp_path):
+    media_files(tmp_path / "sub" / "media")
+    path = write_jsonl(tmp_path / "sub" / "d.jsonl", [{"conversations": [
+        user(("image", "media/i.png")), {"role": "assistant", "content": "blue"}]}])
+    (rec,) = read_records(path)
+    assert rec.media[0].path == (tmp_path / "sub" / "media" / "i.png").resolve()
