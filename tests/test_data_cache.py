@@ -1,0 +1,129 @@
+"""The prepared-data cache: reused when nothing changed, rebuilt when anything that matters did, never trusted
+half-written; worker processes give the same samples as rendering in-process; eval split; --show and --dump."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import omnitune.data.cache as cache
+from data_helpers import console, media_files, processor, recipe_for, user, write_jsonl
+from omnitune.data.cache import CachedDataset, load_or_prepare, prepare_split
+from omnitune.data.prepare import run_prepare
+from omnitune.data.synthetic import make_demo_dataset
+
+
+def _dataset(tmp_path, n=6):
+    files = media_files(tmp_path / "media")
+    kinds = ["audio", "image", "video"]
+    records = [{"conversations": [user((kinds[i % 3], files[kinds[i % 3]]), text=f"q{i}"),
+                                  {"role": "assistant", "content": f"answer {i}"}]} for i in range(n)]
+    return write_jsonl(tmp_path / "train.jsonl", records)
+
+
+def _prepare(recipe, path):
+    out = console()
+    ds = prepare_split(recipe, processor(), path, out)
+    return ds, out.file.getvalue()
+
+
+def _no_render(*a, **k):
+    raise AssertionError("rendered again although the cache is valid")
+
+
+def test_cache_is_reused_when_nothing_changed(tmp_path, monkeypatch):
+    path = _dataset(tmp_path)
+    recipe = recipe_for(tmp_path, path)
+    first, _ = _prepare(recipe, path)
+    monkeypatch.setattr(cache, "render", _no_render)
+    second, log = _prepare(recipe, path)
+    assert "using cache" in log and second.dir == first.dir and len(second) == 6
+    for a, b in zip(first, second):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+@pytest.mark.parametrize("change", ["data file", "recipe data", "media file", "variant"])
+def test_cache_is_rebuilt_when_an_input_changes(tmp_path, change):
+    path = _dataset(tmp_path)
+    recipe = recipe_for(tmp_path, path)
+    first, _ = _prepare(recipe, path)
+    if change == "data file":
+        path.write_text(path.read_text().replace("answer 0", "answer zero"))
+    elif change == "recipe data":
+        recipe = recipe_for(tmp_path, path, max_length=2048)
+    elif change == "media file":
+        wav = tmp_path / "media" / "a.wav"
+        os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
+    else:
+        recipe = recipe_for(tmp_path, path, variant="thinking")
+    second, log = _prepare(recipe, path)
+    assert "using cache" not in log and second.dir != first.dir
+    # Settings that do not change samples keep the cache.
+    third, log = _prepare(recipe.model_copy(update={"data": recipe.data.model_copy(update={"workers": 3})}), path)
+    assert "using cache" in log and third.dir == second.dir
+
+
+def test_a_crash_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):
+    path = _dataset(tmp_path)
+    recipe = recipe_for(tmp_path, path)
+    real_save = torch.save
+
+    def save_then_die(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise KeyboardInterrupt  # as if Ctrl-C hit right after the first shard was written
+
+    monkeypatch.setattr(torch, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(recipe, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    root = tmp_path / "run" / "cache"
+    assert list(root.iterdir()) == []  # neither a final directory nor a temporary one is left
+    # A directory under the final name without its manifest (e.g. copied half-way) is not trusted either.
+    ds, _ = _prepare(recipe, path)
+    (ds.dir / "manifest.json").unlink()
+    again, log = _prepare(recipe, path)
+    assert "using cache" not in log and (again.dir / "manifest.json").exists() and len(again) == 6
+
+
+def test_worker_processes_render_the_same_samples(tmp_path, monkeypatch):
+    path = _dataset(tmp_path, n=5)
+    inline, _ = _prepare(recipe_for(tmp_path / "a", path), path)
+    monkeypatch.setattr(cache, "INLINE_SECONDS", 0.0)  # hand everything after the first record to workers
+    parallel, _ = _prepare(recipe_for(tmp_path / "b", path, workers=2), path)
+    assert len(inline) == len(parallel) == 5
+    for a, b in zip(inline, parallel):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+
+
+def test_eval_fraction_holds_out_a_deterministic_disjoint_split(tmp_path):
+    path = _dataset(tmp_path, n=10)
+    recipe = recipe_for(tmp_path, path, eval_fraction=0.3)
+    train, evals = load_or_prepare(recipe, processor(), console())
+    again_train, again_eval = load_or_prepare(recipe, processor(), console())
+    assert len(evals) == 3 and len(train) == 7
+    assert set(train.lines).isdisjoint(evals.lines) and sorted(train.lines + evals.lines) == list(range(1, 11))
+    assert evals.lines == again_eval.lines
+    other = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": 7})})
+    assert load_or_prepare(other, processor(), console())[1].lines != evals.lines
+
+
+def test_prepare_prints_stats_shows_spans_and_dumps_labels(tmp_path):
+    train, evals = make_demo_dataset(tmp_path / "demo", n_train=8, n_eval=3, seed=1)
+    recipe = recipe_for(tmp_path, train, eval=str(evals))
+    out = console()
+    summary = run_prepare(recipe, processor(), show=2, dump=tmp_path / "dump.jsonl", console=out)
+    log = out.file.getvalue()
+    assert "8 kept, 0 skipped" in log and "trained tokens" in log and "sample 1 (line 2)" in log
+    assert "<|audio_pad|>x" in log or "<|image_pad|>x" in log
+    assert summary["train"]["kept"] == 8 and summary["eval"]["kept"] == 3
+    assert set(summary["train"]["modalities"]) == {"text", "audio", "vision"}
+    rows = [json.loads(x) for x in (tmp_path / "dump.jsonl").read_text().splitlines()]
+    ds = CachedDataset(summary["train_cache"])
+    assert [r["line"] for r in rows] == list(range(1, 9))
+    assert rows[0]["input_ids"] == ds[0]["input_ids"].tolist() and rows[0]["labels"] == ds[0]["labels"].tolist()
+    assert -100 in rows[0]["labels"]
