@@ -87,6 +87,8 @@ def build_tiny_model(seed: int = 0, **sizes: int) -> Qwen3OmniMoeForConditionalG
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(tiny_config(**sizes))
     _init_talker_moe(model)
+    with torch.no_grad():  # std 1/sqrt(hidden): at 0.02 a 64-wide model cannot make any token likely
+        model.thinker.lm_head.weight.normal_(0.0, model.config.thinker_config.text_config.hidden_size ** -0.5)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RuntimeError(f"tiny model has non-finite weights after init: {bad[:5]}")
@@ -145,7 +147,7 @@ def save_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
 def tiny_checkpoint(cache_root: str | Path | None = None) -> Path:
     """The tiny checkpoint, built once and cached; safe against concurrent builders and crashes."""
     root = Path(cache_root or os.environ.get("OMNITUNE_CACHE", Path.home() / ".cache" / "omnitune"))
-    final = root / "tiny-qwen3-omni-v1"
+    final = root / "tiny-qwen3-omni-v2"
     if (final / "config.json").exists() and (final / "DONE").exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
