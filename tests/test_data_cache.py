@@ -13,6 +13,8 @@ import omnitune.data.cache as cache
 from data_helpers import console, media_files, processor, recipe_for, user, write_jsonl
 from omnitune.data.cache import CachedDataset, load_or_prepare, prepare_split
 from omnitune.data.prepare import run_prepare
+from omnitune.data.render import render
+from omnitune.data.schema import read_records
 from omnitune.data.synthetic import make_demo_dataset
 
 
@@ -81,11 +83,15 @@ def test_a_crash_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     root = tmp_path / "run" / "cache"
     assert list(root.iterdir()) == []  # neither a final directory nor a temporary one is left
+    # A kill -9 leaves a temporary directory: never read, and removed once its process is gone.
+    orphan = root / ".tmp-999999999-train-x"
+    (orphan / "out").mkdir(parents=True)
     # A directory under the final name without its manifest (e.g. copied half-way) is not trusted either.
     ds, _ = _prepare(recipe, path)
     (ds.dir / "manifest.json").unlink()
     again, log = _prepare(recipe, path)
     assert "using cache" not in log and (again.dir / "manifest.json").exists() and len(again) == 6
+    assert not orphan.exists()
 
 
 def test_worker_processes_render_the_same_samples(tmp_path, monkeypatch):
@@ -127,3 +133,15 @@ def test_prepare_prints_stats_shows_spans_and_dumps_labels(tmp_path):
     assert [r["line"] for r in rows] == list(range(1, 9))
     assert rows[0]["input_ids"] == ds[0]["input_ids"].tolist() and rows[0]["labels"] == ds[0]["labels"].tolist()
     assert -100 in rows[0]["labels"]
+
+
+def test_cached_pixels_are_stored_as_uint8_and_load_bit_exact(tmp_path):
+    path = _dataset(tmp_path, n=3)  # audio, image, video
+    recipe = recipe_for(tmp_path, path)
+    ds, _ = _prepare(recipe, path)
+    stored = torch.load(ds.dir / "shard-00000.pt", weights_only=True)
+    assert stored[1]["pixel_values"].dtype == torch.uint8 and stored[2]["pixel_values_videos"].dtype == torch.uint8
+    records = list(read_records(path))
+    for i, key in ((1, "pixel_values"), (2, "pixel_values_videos")):
+        fresh = render(processor(), records[i], recipe.data)
+        assert ds[i][key].dtype == torch.float32 and torch.equal(ds[i][key], fresh[key])

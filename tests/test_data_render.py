@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_helpers import data_cfg, media_files, processor, tone, user, write_wav
+from data_helpers import data_cfg, media_files, processor, tinted_frame, tone, user, write_mp4, write_wav
 from omnitune.data.render import IGNORE, audio_token_count, decode_record, render, render_segments, render_text
 from omnitune.data.schema import validate_record
 from omnitune.model.tiny import TOKEN_IDS
@@ -116,3 +116,38 @@ def test_instruct_renders_no_think_block(tmp_path):
     assert processor().tokenizer.decode(s["input_ids"]) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
     assert s["modalities"] == ["text"]
+
+
+def test_mixed_record_with_audio_in_video_equals_processor_called_directly(tmp_path):
+    files = media_files(tmp_path)
+    rec = _record(tmp_path, [user(("audio", files["audio"]), ("image", files["image"]), ("video", files["video"])),
+                             {"role": "assistant", "content": "red"}])
+    data = data_cfg(use_audio_in_video=True)
+    media = decode_record(rec, data)
+    got = render(processor(), rec, data, media)
+    proc = processor()
+    want = proc(text=proc.apply_chat_template(rec.messages, tokenize=False), audio=media.audios, images=media.images,
+                videos=media.videos, load_audio_from_video=True, audio_from_video_indices=[None, 0],
+                images_kwargs={"size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}},
+                videos_kwargs={"size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, "fps": 2.0,
+                               "cap_pixels_per_frame": False}, return_tensors="np")
+    np.testing.assert_array_equal(got["input_ids"].numpy(), want["input_ids"][0])
+    for key in ("input_features", "feature_attention_mask", "pixel_values", "pixel_values_videos"):
+        np.testing.assert_array_equal(got[key].numpy(), want[key], err_msg=key)
+    ids = got["input_ids"].tolist()
+    standalone = audio_token_count(len(media.audios[0]))
+    first = ids.index(TOKEN_IDS["audio_start"])
+    assert ids[first + 1:first + 1 + standalone] == [TOKEN_IDS["audio"]] * standalone
+    assert ids[first + 1 + standalone] == TOKEN_IDS["audio_end"]
+
+
+def test_videos_of_one_record_share_the_lowest_sampling_rate(tmp_path):
+    rng = np.random.default_rng(0)
+    short = write_mp4(tmp_path / "s.mp4", np.stack([tinted_frame("red", rng) for _ in range(8)]), fps=4)  # 2 s
+    long = write_mp4(tmp_path / "l.mp4", np.stack([tinted_frame("blue", rng) for _ in range(32)]), fps=4)  # 8 s
+    rec = _record(tmp_path, [user(("video", short), ("video", long)), {"role": "assistant", "content": "two"}])
+    media = decode_record(rec, data_cfg(video_fps=2.0, video_max_frames=8))
+    # The long clip needs 8 frames / 8 s = 1 fps to stay under the cap, so both are sampled at 1 fps.
+    assert media.fps == 1.0 and [len(v) for v in media.videos] == [2, 8]
+    s = render(processor(), rec, data_cfg(video_fps=2.0, video_max_frames=8), media)
+    assert s["video_second_per_grid"].tolist() == [2.0, 2.0]

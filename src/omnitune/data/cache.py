@@ -28,7 +28,7 @@ from omnitune.data.render import IGNORE, render
 from omnitune.data.schema import Record, RecordError, read_records
 from omnitune.recipe import DataConfig, Recipe, RecipeError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SHARD_BYTES = 256 << 20
 # Rendered in the main process before worker processes are started (see _render_all).
 INLINE_SECONDS = 5.0
@@ -51,7 +51,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         si, j = self._where[self.indices[i]]
-        return self._shards[si][j]
+        return unpack_pixels(self._shards[si][j])
 
     def subset(self, indices: list[int]) -> "CachedDataset":
         sub = CachedDataset.__new__(CachedDataset)
@@ -130,7 +130,8 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
     records = list(read_records(path, recipe.model.variant))
     root = cache_root(recipe)
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{path.stem}-", dir=root))
+    _remove_orphans(root)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{path.stem}-", dir=root))
     try:
         proc_hash = save_processor(processor, work / "processor")
         key = cache_key(recipe, path, records, proc_hash)
@@ -152,11 +153,23 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
     return CachedDataset(final)
 
 
+def _remove_orphans(root: Path) -> None:
+    """Delete temporary directories left by prepare runs that were killed (their process is gone)."""
+    for d in root.glob(".tmp-*"):
+        try:
+            os.kill(int(d.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            pass
+
+
 def _render_all(data: DataConfig, processor, processor_dir: Path, records: list, path: Path, console):
     """Render valid records (in worker processes when worth it); return kept samples and skipped messages."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     skipped: list[str] = []
+    norms = pixel_norms(processor)
 
     def bad(err: RecordError) -> None:
         if data.on_error == "fail":
@@ -181,7 +194,7 @@ def _render_all(data: DataConfig, processor, processor_dir: Path, records: list,
         start, i = time.monotonic(), 0
         while i < len(todo) and (workers == 0 or time.monotonic() - start < INLINE_SECONDS):
             try:
-                results[i] = render(processor, todo[i], data)
+                results[i] = pack_pixels(render(processor, todo[i], data), norms)
             except RecordError as e:
                 bad(e)
             bar.advance(task)
@@ -227,15 +240,61 @@ def _worker_init(processor_dir: str, data: dict) -> None:
     torch.set_num_threads(1)
     _WORKER["processor"] = AutoProcessor.from_pretrained(processor_dir)
     _WORKER["data"] = DataConfig(**data)
+    _WORKER["norms"] = pixel_norms(_WORKER["processor"])
 
 
 def _worker_render(i: int, record: Record):
     try:
-        sample = render(_WORKER["processor"], record, _WORKER["data"])
+        sample = pack_pixels(render(_WORKER["processor"], record, _WORKER["data"]), _WORKER["norms"])
     except RecordError as e:
         return i, None, e
     # numpy pickles by value; torch tensors would travel as shared-memory handles.
     return i, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}, None
+
+
+def pixel_norms(processor) -> dict[str, tuple[list[float], list[float]]]:
+    """Per pixel key, the fused (mean / rescale, std / rescale) per channel the vision processors normalise with."""
+    out = {}
+    for key, proc in (("pixel_values", getattr(processor, "image_processor", None)),
+                      ("pixel_values_videos", getattr(processor, "video_processor", None))):
+        if proc is not None and getattr(proc, "image_mean", None) is not None:
+            r = getattr(proc, "rescale_factor", None) or 1 / 255
+            out[key] = ([m / r for m in proc.image_mean], [d / r for d in proc.image_std])
+    return out
+
+
+def pack_pixels(sample: dict[str, Any], norms: dict[str, tuple[list[float], list[float]]]) -> dict[str, Any]:
+    """Store pixel values as the uint8 levels they came from, a quarter of the bytes, only where that is exact.
+
+    The processors resize uint8 frames and then normalise, so every value is (level - mean') / std'. The packed
+    form is kept only when unpacking reproduces the float32 tensor bit for bit; otherwise float32 stays.
+    """
+    for key, (mean, std) in norms.items():
+        v = sample.get(key)
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.ndim != 2 or v.shape[1] % len(mean):
+            continue
+        norm = torch.tensor([mean, std], dtype=torch.float32)
+        m, d = (norm.repeat_interleave(v.shape[1] // len(mean), dim=1))
+        levels = torch.round(v * d + m)
+        if levels.min() < 0 or levels.max() > 255:
+            continue
+        packed = levels.to(torch.uint8)
+        if torch.equal((packed.float() - m) / d, v):
+            sample = {**sample, key: packed, key + ":norm": norm}
+    return sample
+
+
+def unpack_pixels(sample: dict[str, Any]) -> dict[str, Any]:
+    """The float32 pixel values the processor produced, from pack_pixels' uint8 form."""
+    keys = [k for k in sample if k.endswith(":norm")]
+    if not keys:
+        return sample
+    out = {k: v for k, v in sample.items() if not k.endswith(":norm")}
+    for k in keys:
+        key, norm = k[:-len(":norm")], sample[k]
+        m, d = norm.repeat_interleave(out[key].shape[1] // norm.shape[1], dim=1)
+        out[key] = (out[key].float() - m) / d
+    return out
 
 
 def _write_cache(out: Path, samples: list[tuple[int, dict]], skipped: list[str], key: str, source: Path) -> None:
