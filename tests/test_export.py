@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor, Qwen3OmniMoeForConditionalGeneration
 
 from omnitune.export import ExportError, export_run, tensor_layout
-from omnitune.infer import encode_prompt, prompt_record
+from omnitune.infer import collate_prompts, encode_prompt, prompt_record
 from omnitune.model.load import load_thinker
 from omnitune.model.tiny import tiny_checkpoint
 from omnitune.run_dir import RunDir
@@ -25,7 +25,7 @@ def _inputs(run_root, media_root):
     conv = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "image", "image": "i.png"},
                                          {"type": "text", "text": "What do you hear and see?"}]}]
     rec = prompt_record(conv, base_dir=media_root)
-    batch = encode_prompt(proc, rec, recipe.data)
+    batch = collate_prompts([encode_prompt(proc, rec, recipe.data)], proc.tokenizer.pad_token_id)
     batch.pop("use_audio_in_video")
     return batch
 

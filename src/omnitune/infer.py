@@ -21,8 +21,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoProcessor, TextStreamer
 
-from omnitune.data.render import decode_record, processor_kwargs
-from omnitune.data.schema import Record, validate_record
+from omnitune.data.collate import OmniCollator
+from omnitune.data.render import IGNORE, decode_record, processor_kwargs
+from omnitune.data.schema import Record, RecordError, validate_record
 from omnitune.data.template import chat_template
 from omnitune.model.load import load_full, load_processor, load_thinker, resolve_model_path
 from omnitune.recipe import PRESETS, DataConfig, ModelConfig, Recipe, load_recipe
@@ -178,47 +179,33 @@ def prompt_record(messages: list[dict[str, Any]], variant: str = "instruct",
 
 
 def encode_prompt(processor, record: Record, data: DataConfig) -> dict[str, Any]:
-    """One record's prompt -> model inputs (batch of 1, torch), each record processed alone (see data/render)."""
+    """One record's prompt -> a sample shaped like data.render's (1-D ids, media features), to answer.
+
+    Each record gets its own processor call, as in training (data/render.py says why).
+    """
     media = decode_record(record, data)
     text = processor.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
     kw = processor_kwargs(data, media)
     kw["return_tensors"] = "pt"
-    out = dict(processor(text=text, **kw))
+    try:
+        out = dict(processor(text=text, **kw))
+    except Exception as e:  # the processor's own checks (e.g. mismatched placeholders)
+        raise RecordError(record.file, record.line, f"processor failed: {e}") from None
+    out["input_ids"], out["attention_mask"] = out["input_ids"][0], out["attention_mask"][0]
+    out["labels"] = torch.full_like(out["input_ids"], IGNORE)
     out["use_audio_in_video"] = bool(data.use_audio_in_video and media.videos)
+    out["modalities"] = ["text"]
     return out
 
 
-_CONCAT = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-           "video_grid_thw", "video_second_per_grid")
-
-
 def collate_prompts(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Left-pad prompts for batched generation; media features are concatenated (audio frames padded)."""
-    width = max(s["input_ids"].shape[-1] for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    """Batch prompts for generation: the training collator's batch, with padding moved to the left."""
+    batch = OmniCollator(pad_id, {"text": 1.0})(samples)
+    batch.pop("labels"), batch.pop("sample_weight")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     for i, s in enumerate(samples):
-        n = s["input_ids"].shape[-1]
-        ids[i, width - n:] = s["input_ids"][0]
-        mask[i, width - n:] = s["attention_mask"][0]
-    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    aiv = {bool(s.get("use_audio_in_video")) for s in samples}
-    if len(aiv) > 1:
-        raise InferError("a batch mixes videos with and without use_audio_in_video")
-    batch["use_audio_in_video"] = aiv.pop()
-    with_audio = [s for s in samples if "input_features" in s]
-    if with_audio:
-        frames = max(s["input_features"].shape[-1] for s in with_audio)
-        feats, fmask = [], []
-        for s in with_audio:
-            pad = frames - s["input_features"].shape[-1]
-            feats.append(torch.nn.functional.pad(s["input_features"], (0, pad)))
-            fmask.append(torch.nn.functional.pad(s["feature_attention_mask"], (0, pad)))
-        batch["input_features"], batch["feature_attention_mask"] = torch.cat(feats), torch.cat(fmask)
-    for key in _CONCAT[2:]:
-        parts = [torch.as_tensor(s[key]) for s in samples if key in s]
-        if parts:
-            batch[key] = torch.cat(parts)
+        shift = ids.shape[1] - len(s["input_ids"])
+        ids[i], mask[i] = ids[i].roll(shift), mask[i].roll(shift)
     return batch
 
 
@@ -341,7 +328,8 @@ class Inferencer:
         if use_audio_in_video is not None:
             data = data.model_copy(update={"use_audio_in_video": use_audio_in_video})
         record = prompt_record(as_messages(conversation), variant=self.source.variant, base_dir=base_dir)
-        inputs = to_device(encode_prompt(self.processor, record, data), self.device, self.thinker.dtype)
+        inputs = to_device(collate_prompts([encode_prompt(self.processor, record, data)], self.pad_id),
+                           self.device, self.thinker.dtype)
         streamer = (_Streamer(self.tokenizer, stream, hide_thinking=not show_thinking and
                               self.source.variant == "thinking") if stream else None)
         sampling = dict(do_sample=do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {}))

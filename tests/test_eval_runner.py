@@ -1,0 +1,111 @@
+"""evaluate() on the tiny model: batching, outputs (JSON, markdown, PNG), bad records, free-task loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from omnitune.eval.runner import (EvalError, evaluate, exact_match_accuracy, generate_predictions,
+                                  read_eval_records, reference_of, token_losses)
+from omnitune.infer import load_generation_processor, load_model, resolve_source
+from test_infer_fixtures import lora_run_dir, media, write_jsonl  # noqa: F401  (fixtures)
+
+
+def _records(m):
+    user = lambda *items: {"role": "user", "content": list(items)}  # noqa: E731
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    return [
+        {"conversations": [user({"type": "audio", "audio": str(m / "a.wav")}, text("Transcribe.")),
+                           {"role": "assistant", "content": "a quiet tone"}]},
+        {"conversations": [{"role": "system", "content": "Be brief."}, user(text("Say hi")),
+                           {"role": "assistant", "content": "hi"}]},
+        {"conversations": [user({"type": "image", "image": str(m / "i.png")}, text("Which?\nA. red\nB. blue")),
+                           {"role": "assistant", "content": "B"}]},
+        {"conversations": [user({"type": "video", "video": str(m / "v.mp4")}, text("Describe.")),
+                           {"role": "assistant", "content": "a square that gets brighter"}]},
+        {"conversations": [user({"type": "audio", "audio": "missing.wav"}), {"role": "assistant", "content": "x"}]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def eval_file(media, tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", _records(media))
+
+
+@pytest.fixture(scope="module")
+def tuned(lora_run_dir):
+    src = resolve_source(lora_run_dir)
+    return src, load_generation_processor(src), load_model(src, speech=False)
+
+
+def test_batched_generation_equals_one_record_at_a_time(tuned, eval_file):
+    src, proc, model = tuned
+    records, bad = read_eval_records(eval_file, "instruct")
+    assert len(records) == 4 and len(bad) == 1
+    one = generate_predictions(model, proc, records, src.data, batch_size=1, max_new_tokens=5)
+    many = generate_predictions(model, proc, records, src.data, batch_size=4, max_new_tokens=5)
+    assert [p for _, p in one] == [p for _, p in many]
+    assert all(p for _, p in one)
+
+
+def test_free_task_loss_does_not_depend_on_batching(tuned, eval_file):
+    src, proc, model = tuned
+    records, _ = read_eval_records(eval_file, "instruct")
+    one = token_losses(model, proc, records, src.data, batch_size=1)
+    many = token_losses(model, proc, records, src.data, batch_size=4)
+    assert [n for _, _, n in one] == [n for _, _, n in many] and all(n > 0 for _, _, n in one)
+    for (_, a, _), (_, b, _) in zip(one, many):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_exact_match_accuracy_against_the_models_own_answers(tuned, eval_file):
+    src, proc, model = tuned
+    records, _ = read_eval_records(eval_file, "instruct")
+    records = records[:2]
+    preds = generate_predictions(model, proc, records, src.data, max_new_tokens=4)
+    assert exact_match_accuracy(model, proc, records, src.data, max_new_tokens=4)["accuracy"] == 0.0
+    for rec, pred in preds:
+        rec.messages[-1]["content"] = pred  # the model's own greedy answer becomes the reference
+    assert reference_of(records[0]) == preds[0][1]
+    assert exact_match_accuracy(model, proc, records, src.data, max_new_tokens=4) == {"accuracy": 1.0,
+                                                                                      "samples": 2.0}
+
+
+def test_evaluate_compares_base_and_writes_predictions_report_and_plots(lora_run_dir, eval_file, tmp_path):
+    out = tmp_path / "out"
+    report = evaluate(lora_run_dir, eval_file, "asr", compare_base=True, batch_size=4, max_new_tokens=4,
+                      on_error="skip", out_dir=out)
+    assert list(report.results) == ["base", "tuned"]
+    assert [f"{e.file}:{e.line}" for e in report.bad] == [f"{eval_file}:5"]
+    data = json.loads((out / "predictions.json").read_text())
+    assert data["bad_records"][0]["line"] == 5 and "missing.wav" in data["bad_records"][0]["reason"]
+    assert len(data["samples"]) == 4
+    for s in data["samples"]:
+        assert {"base", "tuned"} <= set(s) and "wer" in s["tuned"] and s["reference"]
+    assert data["scores"]["tuned"]["wer"] == report.results["tuned"].scores["wer"] > 0
+    md = (out / "report.md").read_text()
+    assert "| wer |" in md and f"{eval_file}:5" in md and "samples/s" in md
+    for png in ("scores.png", "training_curves.png"):  # training curves come from RUN/metrics.jsonl
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_free_task_reports_loss_and_perplexity(lora_run_dir, eval_file, tmp_path):
+    report = evaluate(lora_run_dir, eval_file, "free", on_error="skip", out_dir=tmp_path / "out", limit=2)
+    scores = report.results["tuned"].scores
+    assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"])) and scores["tokens"] > 0
+    assert len(report.results["tuned"].samples) == 2
+
+
+def test_bad_records_stop_the_run_unless_skipped(lora_run_dir, eval_file):
+    with pytest.raises(EvalError, match=rf"(?s){re.escape(str(eval_file))}:5: .*missing.wav.*on_error"):
+        evaluate(lora_run_dir, eval_file, "qa", write=False)
+
+
+def test_unknown_task_and_compare_without_weights_are_errors(lora_run_dir, eval_file):
+    with pytest.raises(EvalError, match="unknown task 'bleu'"):
+        evaluate(lora_run_dir, eval_file, "bleu")
+    with pytest.raises(EvalError, match="no trained weights"):
+        evaluate("demo", eval_file, "qa", compare_base=True)
