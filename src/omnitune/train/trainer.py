@@ -45,7 +45,8 @@ class OmniTrainer(Trainer):
             aux = load_balancing_loss_func(out.router_logits, thinker.num_experts, thinker.num_experts_per_tok,
                                            inputs.get("attention_mask"))
             # The aux term is per micro-batch: scale it so gradient accumulation sums to one coefficient.
-            loss = loss + self.router_aux_coef * aux.to(loss.device) / self.current_gradient_accumulation_steps
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            loss = loss + self.router_aux_coef * aux.to(loss.device) / steps
         return (loss, out) if return_outputs else loss
 
     def _save_checkpoint(self, model, trial):

@@ -1,0 +1,121 @@
+"""Training: weighted loss, router balance loss, atomic checkpoints, and resume after an interruption."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from omnitune.data.synthetic import make_demo_dataset
+from omnitune.recipe import load_recipe
+from omnitune.train.loss import token_losses, weighted_loss
+from omnitune.train.run import router_aux_coef, train
+from omnitune.train.trainer import OmniTrainer
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("data"), n_train=12, n_eval=4, seed=1)
+
+
+def small_recipe(demo_data, out, *extra):
+    train_file, eval_file = demo_data
+    return load_recipe("demo", [f"data.train={train_file}", f"data.eval={eval_file}", f"output_dir={out}",
+                                "data.workers=1", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1",
+                                "train.batch_size=2", "train.grad_accum=2", "log.tensorboard=false", *extra])
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_token_losses_match_full_cross_entropy_and_skip_masked_positions():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(2, 7, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = -100
+    got = token_losses(hidden, head, labels, chunk=3)
+    ref = F.cross_entropy(head(hidden[:, :-1]).transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    torch.testing.assert_close(got, ref)
+    got.sum().backward()
+    g1 = hidden.grad.clone()
+    hidden.grad = None
+    ref.sum().backward()
+    torch.testing.assert_close(g1, hidden.grad)
+
+
+def test_sample_weights_scale_each_samples_tokens_over_the_step_token_count():
+    per_token = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    labels = torch.tensor([[0, 5, 5, -100], [0, 5, -100, -100]])
+    w = torch.tensor([0.5, 2.0])
+    assert weighted_loss(per_token, labels, w, num_items=10).item() == pytest.approx((0.5 * 3 + 2.0 * 3) / 10)
+    assert weighted_loss(per_token, labels, None, None).item() == pytest.approx(6 / 3)
+
+
+def test_router_balance_loss_only_when_the_router_trains(demo_data, tmp_path):
+    from omnitune.model.load import load_thinker
+
+    thinker = load_thinker(load_recipe("demo").model)
+    assert router_aux_coef(small_recipe(demo_data, tmp_path), thinker) == 0.0
+    assert router_aux_coef(small_recipe(demo_data, tmp_path, "adapter.targets=[router]"), thinker) == 0.001
+    assert router_aux_coef(small_recipe(demo_data, tmp_path, "adapter.targets=[router]",
+                                        "train.router_aux_coef=0.05"), thinker) == 0.05
+    assert router_aux_coef(small_recipe(demo_data, tmp_path, "adapter.method=full"), thinker) == 0.001
+
+
+def test_router_balance_loss_is_added_to_the_training_loss(tiny_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from omnitune.model.load import load_thinker
+
+    thinker = load_thinker(load_recipe("demo").model).train()
+    ids = torch.randint(0, 5000, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    plain = OmniTrainer(model=thinker, args=args, router_aux_coef=0.0).compute_loss(thinker, batch)
+    with_aux = OmniTrainer(model=thinker, args=args, router_aux_coef=0.5).compute_loss(thinker, batch)
+    out = thinker(**batch, output_router_logits=True)
+    torch.testing.assert_close(with_aux - plain, 0.5 * out.aux_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_loss_curve(demo_data, tmp_path, monkeypatch):
+    full = train(small_recipe(demo_data, tmp_path / "full"))
+    assert full.global_step == 6
+    reference = losses(tmp_path / "full")
+    assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
+
+    original = OmniTrainer.training_step
+
+    def interrupt_at_step_4(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OmniTrainer, "training_step", interrupt_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_recipe(demo_data, tmp_path / "cut"))
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["checkpoint-3"]
+    monkeypatch.setattr(OmniTrainer, "training_step", original)
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small_recipe(demo_data, tmp_path / "cut"))
+    resumed = train(small_recipe(demo_data, tmp_path / "cut"), resume=True)
+    assert resumed.global_step == 6
+    assert losses(tmp_path / "cut") == reference
+    assert (tmp_path / "cut" / "adapter" / "adapter_config.json").exists()
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_trust(demo_data, tmp_path, monkeypatch):
+    def crash(self, output_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(small_recipe(demo_data, tmp_path / "run"))
+    names = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert names == []
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(small_recipe(demo_data, tmp_path / "run"), resume=True)
