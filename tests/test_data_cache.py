@@ -125,6 +125,7 @@ def test_prepare_prints_stats_shows_spans_and_dumps_labels(tmp_path):
     summary = run_prepare(recipe, processor(), show=2, dump=tmp_path / "dump.jsonl", console=out)
     log = out.file.getvalue()
     assert "8 kept, 0 skipped" in log and "trained tokens" in log and "sample 1 (line 2)" in log
+    assert "<|im_start|>assistant\n[[" in log  # a console without colour marks trained spans with brackets
     assert "<|audio_pad|>x" in log or "<|image_pad|>x" in log
     assert summary["train"]["kept"] == 8 and summary["eval"]["kept"] == 3
     assert set(summary["train"]["modalities"]) == {"text", "audio", "vision"}

@@ -19,12 +19,14 @@ def run_prepare(recipe: Recipe, processor, show: int = 0, dump: Path | None = No
     console = console or Console()
     train, evals = load_or_prepare(recipe, processor, console)
     kept = CachedDataset(train.dir)  # every kept record of the train file, held-out ones included, in file order
+    # Colour where the console has it, brackets where it does not (a pipe, a log file).
+    mark = ("", "") if console.color_system else ("[[", "]]")
     for k in range(min(show, len(kept))):
         s = kept[k]
         text = Text()
         for piece, trained in render_segments(s["input_ids"], s["labels"], processor.tokenizer):
-            text.append(piece, style="bold green" if trained else None)
-        console.rule(f"sample {k} (line {kept.lines[k]}): trained spans in green")
+            text.append(f"{mark[0]}{piece}{mark[1]}" if trained else piece, style="bold green" if trained else None)
+        console.rule(f"sample {k} (line {kept.lines[k]}): trained spans in " + ("green" if mark[0] == "" else mark[0] + " " + mark[1]))
         console.print(text)
     if dump is not None:
         dump = Path(dump)
