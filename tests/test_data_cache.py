@@ -47,20 +47,26 @@ def test_cache_is_reused_when_nothing_changed(tmp_path, monkeypatch):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
-@pytest.mark.parametrize("change", ["data file", "recipe data", "media file", "variant"])
+@pytest.mark.parametrize("change", ["data file", "recipe data", "media file", "variant", "missing file appears"])
 def test_cache_is_rebuilt_when_an_input_changes(tmp_path, change):
     path = _dataset(tmp_path)
-    recipe = recipe_for(tmp_path, path)
+    recipe = recipe_for(tmp_path, path, on_error="skip")
+    if change == "missing file appears":
+        wav = tmp_path / "media" / "a.wav"
+        wav.rename(tmp_path / "a.wav")
     first, _ = _prepare(recipe, path)
-    if change == "data file":
+    if change == "missing file appears":
+        assert len(first) == 4
+        (tmp_path / "a.wav").rename(wav)
+    elif change == "data file":
         path.write_text(path.read_text().replace("answer 0", "answer zero"))
     elif change == "recipe data":
-        recipe = recipe_for(tmp_path, path, max_length=2048)
+        recipe = recipe_for(tmp_path, path, on_error="skip", max_length=2048)
     elif change == "media file":
         wav = tmp_path / "media" / "a.wav"
         os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
     else:
-        recipe = recipe_for(tmp_path, path, variant="thinking")
+        recipe = recipe_for(tmp_path, path, on_error="skip", variant="thinking")
     second, log = _prepare(recipe, path)
     assert "using cache" not in log and second.dir != first.dir
     # Settings that do not change samples keep the cache.
@@ -92,6 +98,18 @@ def test_a_crash_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):
     again, log = _prepare(recipe, path)
     assert "using cache" not in log and (again.dir / "manifest.json").exists() and len(again) == 6
     assert not orphan.exists()
+
+
+def test_dataset_pickles_by_reference_for_dataloader_workers(tmp_path):
+    import pickle
+
+    path = _dataset(tmp_path)
+    ds, _ = _prepare(recipe_for(tmp_path, path), path)
+    sub = ds.subset([4, 1])
+    blob = pickle.dumps(sub)
+    assert len(blob) < 2000
+    back = pickle.loads(blob)
+    assert back.lines == [5, 2] and torch.equal(back[0]["input_ids"], sub[0]["input_ids"])
 
 
 def test_worker_processes_render_the_same_samples(tmp_path, monkeypatch):

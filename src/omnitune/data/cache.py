@@ -49,6 +49,12 @@ class CachedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def __getstate__(self):  # DataLoader workers reopen the memory maps instead of receiving copies
+        return {"dir": self.dir, "indices": self.indices}
+
+    def __setstate__(self, state):
+        self.__init__(state["dir"], state["indices"])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         si, j = self._where[self.indices[i]]
         return unpack_pixels(self._shards[si][j])
@@ -107,6 +113,8 @@ def cache_key(recipe: Recipe, path: Path, records: list[Record | RecordError], p
     h.update(json.dumps(data, sort_keys=True).encode())
     h.update(path.read_bytes())
     for r in records:
+        if isinstance(r, RecordError):  # e.g. a missing file that appears later must invalidate the cache
+            h.update(f"|{r}".encode())
         for m in getattr(r, "media", []):
             st = m.path.stat()
             h.update(f"|{m.path}|{st.st_size}|{st.st_mtime_ns}".encode())

@@ -154,20 +154,23 @@ def load_video(path: str | Path, fps: float, max_frames: int, max_pixels: int | 
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
             start, last, k = None, None, 0
             for frame in container.decode(stream):
                 t = frame.time if frame.time is not None else 0.0
                 start = t if start is None else start
                 t -= start
-                # A target time takes the last frame shown at or before it.
+                # A target time takes the last frame shown at or before it; only taken frames are converted.
                 while k < n and targets[k] < t - 1e-6 and last is not None:
-                    frames.append(last)
+                    frames.append(last if isinstance(last, np.ndarray) else _to_rgb(last, max_pixels))
+                    last = frames[-1]
                     k += 1
                 if k >= n:
                     break
-                last = _to_rgb(frame, max_pixels)
+                last = frame
             while k < n and last is not None:  # targets past the last frame repeat it
-                frames.append(last)
+                frames.append(last if isinstance(last, np.ndarray) else _to_rgb(last, max_pixels))
+                last = frames[-1]
                 k += 1
     except Exception as e:
         raise MediaError(f"cannot decode video {path}: {e}") from None
