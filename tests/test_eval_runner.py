@@ -27,11 +27,14 @@ def _records(m):
         {"conversations": [user({"type": "video", "video": str(m / "v.mp4")}, text("Describe.")),
                            {"role": "assistant", "content": "a square that gets brighter"}]},
         {"conversations": [user({"type": "audio", "audio": "missing.wav"}), {"role": "assistant", "content": "x"}]},
+        {"conversations": [user({"type": "audio", "audio": str(m / "corrupt.wav")}),
+                           {"role": "assistant", "content": "x"}]},
     ]
 
 
 @pytest.fixture(scope="module")
 def eval_file(media, tmp_path_factory):
+    (media / "corrupt.wav").write_bytes(b"RIFF not really a wave file")  # exists, so only decoding fails
     return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", _records(media))
 
 
@@ -44,7 +47,8 @@ def tuned(lora_run_dir):
 def test_batched_generation_equals_one_record_at_a_time(tuned, eval_file):
     src, proc, model = tuned
     records, bad = read_eval_records(eval_file, "instruct")
-    assert len(records) == 4 and len(bad) == 1
+    assert len(records) == 5 and [e.line for e in bad] == [5]
+    records = records[:4]
     one = generate_predictions(model, proc, records, src.data, batch_size=1, max_new_tokens=5)
     many = generate_predictions(model, proc, records, src.data, batch_size=4, max_new_tokens=5)
     assert [p for _, p in one] == [p for _, p in many]
@@ -53,7 +57,7 @@ def test_batched_generation_equals_one_record_at_a_time(tuned, eval_file):
 
 def test_free_task_loss_does_not_depend_on_batching(tuned, eval_file):
     src, proc, model = tuned
-    records, _ = read_eval_records(eval_file, "instruct")
+    records = read_eval_records(eval_file, "instruct")[0][:4]
     one = token_losses(model, proc, records, src.data, batch_size=1)
     many = token_losses(model, proc, records, src.data, batch_size=4)
     assert [n for _, _, n in one] == [n for _, _, n in many] and all(n > 0 for _, _, n in one)
@@ -79,15 +83,16 @@ def test_evaluate_compares_base_and_writes_predictions_report_and_plots(lora_run
     report = evaluate(lora_run_dir, eval_file, "asr", compare_base=True, batch_size=4, max_new_tokens=4,
                       on_error="skip", out_dir=out)
     assert list(report.results) == ["base", "tuned"]
-    assert [f"{e.file}:{e.line}" for e in report.bad] == [f"{eval_file}:5"]
+    assert [f"{e.file}:{e.line}" for e in report.bad] == [f"{eval_file}:5", f"{eval_file}:6"]
     data = json.loads((out / "predictions.json").read_text())
     assert data["bad_records"][0]["line"] == 5 and "missing.wav" in data["bad_records"][0]["reason"]
+    assert "corrupt.wav" in data["bad_records"][1]["reason"]
     assert len(data["samples"]) == 4
     for s in data["samples"]:
         assert {"base", "tuned"} <= set(s) and "wer" in s["tuned"] and s["reference"]
     assert data["scores"]["tuned"]["wer"] == report.results["tuned"].scores["wer"] > 0
     md = (out / "report.md").read_text()
-    assert "| wer |" in md and f"{eval_file}:5" in md and "samples/s" in md
+    assert "| wer |" in md and f"{eval_file}:5" in md and f"{eval_file}:6" in md and "samples/s" in md
     for png in ("scores.png", "training_curves.png"):  # training curves come from RUN/metrics.jsonl
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -99,9 +104,15 @@ def test_free_task_reports_loss_and_perplexity(lora_run_dir, eval_file, tmp_path
     assert len(report.results["tuned"].samples) == 2
 
 
-def test_bad_records_stop_the_run_unless_skipped(lora_run_dir, eval_file):
+def test_bad_records_stop_the_run_unless_skipped(lora_run_dir, eval_file, tmp_path):
     with pytest.raises(EvalError, match=rf"(?s){re.escape(str(eval_file))}:5: .*missing.wav.*on_error"):
         evaluate(lora_run_dir, eval_file, "qa", write=False)
+    # a file that exists but does not decode is found while rendering, and stops the run as well
+    lines = eval_file.read_text().splitlines()
+    only_corrupt = tmp_path / "corrupt.jsonl"
+    only_corrupt.write_text(lines[1] + "\n" + lines[5] + "\n")
+    with pytest.raises(EvalError, match=rf"(?s){re.escape(str(only_corrupt))}:2: .*corrupt.wav.*on_error"):
+        evaluate(lora_run_dir, only_corrupt, "qa", write=False)
 
 
 def test_unknown_task_and_compare_without_weights_are_errors(lora_run_dir, eval_file):

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor, Qwen3OmniMoeForConditionalGeneration
 
 from omnitune.export import ExportError, export_run, tensor_layout
-from omnitune.infer import collate_prompts, encode_prompt, prompt_record
+from omnitune.infer import InferError, Inferencer, collate_prompts, encode_prompt, prompt_record
 from omnitune.model.load import load_thinker
 from omnitune.model.tiny import tiny_checkpoint
 from omnitune.run_dir import RunDir
@@ -100,6 +100,8 @@ def test_export_writes_config_generation_config_processor_and_no_pickles(lora_ru
     assert proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+    with pytest.raises(InferError, match="no Talker"):  # a thinker-only export serves text only
+        Inferencer(out, speech=True)
 
 
 def test_full_export_keeps_talker_and_code2wav_bit_identical(lora_run_dir, tmp_path):
@@ -124,3 +126,10 @@ def test_export_refuses_to_overwrite_unless_asked(lora_run_dir, tmp_path):
     assert (out / "keep.txt").exists()
     export_run(lora_run_dir, out, thinker_only=True, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_inferencer_serves_an_export_like_the_run_it_came_from(lora_run_dir, media, tmp_path):
+    export_run(lora_run_dir, tmp_path / "full")
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "Hm?"}]}]
+    want = Inferencer(lora_run_dir, speech=False).generate(conv, max_new_tokens=6, base_dir=media).text
+    assert Inferencer(tmp_path / "full", speech=False).generate(conv, max_new_tokens=6, base_dir=media).text == want

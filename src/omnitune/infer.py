@@ -163,6 +163,19 @@ def as_messages(conversation: Any) -> list[dict[str, Any]]:
                      "or a string")
 
 
+def build_conversation(text: str | None = None, audio: list[str] = (), image: list[str] = (),
+                       video: list[str] = (), system: str | None = None) -> list[dict[str, Any]]:
+    """One user turn from command-line pieces: media items first (audio, images, videos), then the text."""
+    items = ([{"type": "audio", "audio": str(p)} for p in audio] + [{"type": "image", "image": str(p)} for p in image]
+             + [{"type": "video", "video": str(p)} for p in video])
+    if text:
+        items.append({"type": "text", "text": text})
+    if not items:
+        raise InferError("nothing to answer: give a text and/or media files")
+    turns = [{"role": "system", "content": system}] if system else []
+    return turns + [{"role": "user", "content": items}]
+
+
 def prompt_record(messages: list[dict[str, Any]], variant: str = "instruct",
                   base_dir: str | Path | None = None) -> Record:
     """Validate a conversation that ends with a user turn; media paths resolve against `base_dir` (default cwd).
@@ -225,8 +238,11 @@ def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:
-    """'<think>\\nR\\n</think>\\n\\nA' -> ('R', 'A'); text without a closed think block -> (None, text)."""
+    """'<think>\\nR\\n</think>\\n\\nA' -> ('R', 'A'); no think block -> (None, text); a thought cut off by
+    the token limit -> (thought, ''): there is no answer yet."""
     if THINK_END not in text:
+        if text.lstrip().startswith("<think>"):
+            return text.lstrip()[len("<think>"):].strip("\n"), ""
         return None, text
     thought, answer = text.split(THINK_END, 1)
     return thought.replace("<think>", "").strip("\n"), answer.lstrip("\n")

@@ -100,12 +100,15 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def _encode_all(records: list[Record], fn: Callable[[Record], dict],
-                bad: list[RecordError]) -> list[tuple[Record, dict]]:
+                bad: list[RecordError] | None) -> list[tuple[Record, dict]]:
+    """Encode each record; a RecordError is collected in `bad`, or raised when `bad` is None."""
     out = []
     for rec in records:
         try:
             out.append((rec, fn(rec)))
         except RecordError as e:
+            if bad is None:
+                raise
             bad.append(e)
     return out
 
@@ -116,9 +119,8 @@ def generate_predictions(model: torch.nn.Module, processor, records: list[Record
                          desc: str = "generate") -> list[tuple[Record, str]]:
     """Greedy answers to each record's prompt, batched (left-padded), with a samples/s progress bar.
 
-    Records whose media cannot be decoded are appended to `bad` and left out of the result.
+    A record whose media cannot be decoded raises RecordError, or with a `bad` list is added to it and left out.
     """
-    bad = [] if bad is None else bad
     thinker = getattr(model, "thinker", model)
     tok = processor.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -143,8 +145,8 @@ def generate_predictions(model: torch.nn.Module, processor, records: list[Record
 def token_losses(model: torch.nn.Module, processor, records: list[Record], data: DataConfig,
                  batch_size: int = 8, bad: list[RecordError] | None = None,
                  desc: str = "loss") -> list[tuple[Record, float, int]]:
-    """(record, summed token CE over the assistant turns, trained tokens) per record, teacher-forced."""
-    bad = [] if bad is None else bad
+    """(record, summed token CE over the assistant turns, trained tokens) per record, teacher-forced.
+    Bad records: as in generate_predictions."""
     thinker = getattr(model, "thinker", model)
     tok = processor.tokenizer
     collate = OmniCollator(tok.pad_token_id if tok.pad_token_id is not None else 0, {"text": 1.0})
@@ -177,7 +179,7 @@ def exact_match_accuracy(model: torch.nn.Module, processor, records: list[Record
 
 
 def _score_model(label: str, task: str, model, processor, records: list[Record], data: DataConfig,
-                 batch_size: int, max_new_tokens: int, bad: list[RecordError]) -> ModelResult:
+                 batch_size: int, max_new_tokens: int, bad: list[RecordError] | None) -> ModelResult:
     start = time.time()
     if task == "free":
         rows = token_losses(model, processor, records, data, batch_size, bad, desc=label)
@@ -220,6 +222,8 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
         raise EvalError(f"--compare base: {src.label} has no trained weights to compare with its base "
                         "(pass a run directory, or --adapter)")
     on_error = on_error or src.data.on_error
+    if on_error not in ("fail", "skip"):
+        raise EvalError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     records, bad = read_eval_records(eval_path, src.variant, limit)
     if bad and on_error == "fail":
         raise EvalError(f"{len(bad)} bad record(s) in {eval_path}:\n  " + "\n  ".join(map(str, bad[:10]))
@@ -240,14 +244,15 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
         if torch.cuda.is_available():
             model.to("cuda")
         errors: list[RecordError] = []
-        results[label] = _score_model(label, task, model, processor, records, src.data, batch_size,
-                                      max_new_tokens, errors)
+        try:
+            results[label] = _score_model(label, task, model, processor, records, src.data, batch_size,
+                                          max_new_tokens, errors if on_error == "skip" else None)
+        except RecordError as e:
+            raise EvalError(f"{e}\n(data.on_error=fail: fix the record, or pass on_error='skip' "
+                            "(--set data.on_error=skip) to score the rest)") from None
         render_bad = render_bad or errors  # the same records fail for every model
         del model
         gc.collect()
-    if render_bad and on_error == "fail":
-        raise EvalError(f"{len(render_bad)} record(s) could not be rendered:\n  "
-                        + "\n  ".join(map(str, render_bad[:10])))
     bad += render_bad
 
     kept = {(r.file, r.line) for r in records} - {(e.file, e.line) for e in bad}
