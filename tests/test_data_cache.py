@@ -164,3 +164,16 @@ def test_cached_pixels_are_stored_as_uint8_and_load_bit_exact(tmp_path):
     for i, key in ((1, "pixel_values"), (2, "pixel_values_videos")):
         fresh = render(processor(), records[i], recipe.data)
         assert ds[i][key].dtype == torch.float32 and torch.equal(ds[i][key], fresh[key])
+
+
+def test_pixel_packing_keeps_float32_unless_lossless():
+    from omnitune.data.pixels import pack_pixels, unpack_pixels
+
+    norms = {"pixel_values": ([127.5] * 3, [127.5] * 3)}
+    levels = torch.randint(0, 256, (4, 6)).float()
+    exact = {"pixel_values": (levels - 127.5) / 127.5}
+    packed = pack_pixels(exact, norms)
+    assert packed["pixel_values"].dtype == torch.uint8
+    assert torch.equal(unpack_pixels(packed)["pixel_values"], exact["pixel_values"])
+    noisy = {"pixel_values": exact["pixel_values"] + 1e-3}
+    assert pack_pixels(noisy, norms)["pixel_values"].dtype == torch.float32

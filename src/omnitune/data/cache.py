@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 
+from omnitune.data.pixels import pack_pixels, pixel_norms, unpack_pixels
 from omnitune.data.render import IGNORE, render
 from omnitune.data.schema import Record, RecordError, read_records
 from omnitune.recipe import DataConfig, Recipe, RecipeError
@@ -145,7 +147,7 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
         key = cache_key(recipe, path, records, proc_hash)
         final = root / f"{path.stem}-{key}"
         if is_valid_cache(final, key):
-            console.print(f"[dim]{path}: using cache {final}[/dim]")
+            console.print(f"[dim]{escape(str(path))}: using cache {escape(str(final))}[/dim]")
             return CachedDataset(final)
         samples, skipped = _render_all(recipe.data, processor, work / "processor", records, path, console)
         _write_cache(work / "out", samples, skipped, key, path)
@@ -183,7 +185,7 @@ def _render_all(data: DataConfig, processor, processor_dir: Path, records: list,
         if data.on_error == "fail":
             raise err
         skipped.append(str(err))
-        console.print(f"[yellow]skipped[/yellow] {err}")
+        console.print("[yellow]skipped[/yellow]", escape(str(err)))
 
     todo: list[Record] = []
     for r in records:
@@ -232,7 +234,7 @@ def _render_all(data: DataConfig, processor, processor_dir: Path, records: list,
                 bad(errors[j])
     samples = [(todo[i].line, results[i]) for i in sorted(results)]
     if skipped:
-        console.print(f"[yellow]{path}: skipped {len(skipped)} bad record(s)[/yellow]")
+        console.print(f"[yellow]{escape(str(path))}: skipped {len(skipped)} bad record(s)[/yellow]")
     return samples, skipped
 
 
@@ -258,51 +260,6 @@ def _worker_render(i: int, record: Record):
         return i, None, e
     # numpy pickles by value; torch tensors would travel as shared-memory handles.
     return i, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}, None
-
-
-def pixel_norms(processor) -> dict[str, tuple[list[float], list[float]]]:
-    """Per pixel key, the fused (mean / rescale, std / rescale) per channel the vision processors normalise with."""
-    out = {}
-    for key, proc in (("pixel_values", getattr(processor, "image_processor", None)),
-                      ("pixel_values_videos", getattr(processor, "video_processor", None))):
-        if proc is not None and getattr(proc, "image_mean", None) is not None:
-            r = getattr(proc, "rescale_factor", None) or 1 / 255
-            out[key] = ([m / r for m in proc.image_mean], [d / r for d in proc.image_std])
-    return out
-
-
-def pack_pixels(sample: dict[str, Any], norms: dict[str, tuple[list[float], list[float]]]) -> dict[str, Any]:
-    """Store pixel values as the uint8 levels they came from, a quarter of the bytes, only where that is exact.
-
-    The processors resize uint8 frames and then normalise, so every value is (level - mean') / std'. The packed
-    form is kept only when unpacking reproduces the float32 tensor bit for bit; otherwise float32 stays.
-    """
-    for key, (mean, std) in norms.items():
-        v = sample.get(key)
-        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.ndim != 2 or v.shape[1] % len(mean):
-            continue
-        norm = torch.tensor([mean, std], dtype=torch.float32)
-        m, d = (norm.repeat_interleave(v.shape[1] // len(mean), dim=1))
-        levels = torch.round(v * d + m)
-        if levels.min() < 0 or levels.max() > 255:
-            continue
-        packed = levels.to(torch.uint8)
-        if torch.equal((packed.float() - m) / d, v):
-            sample = {**sample, key: packed, key + ":norm": norm}
-    return sample
-
-
-def unpack_pixels(sample: dict[str, Any]) -> dict[str, Any]:
-    """The float32 pixel values the processor produced, from pack_pixels' uint8 form."""
-    keys = [k for k in sample if k.endswith(":norm")]
-    if not keys:
-        return sample
-    out = {k: v for k, v in sample.items() if not k.endswith(":norm")}
-    for k in keys:
-        key, norm = k[:-len(":norm")], sample[k]
-        m, d = norm.repeat_interleave(out[key].shape[1] // norm.shape[1], dim=1)
-        out[key] = (out[key].float() - m) / d
-    return out
 
 
 def _write_cache(out: Path, samples: list[tuple[int, dict]], skipped: list[str], key: str, source: Path) -> None:
@@ -362,7 +319,7 @@ def load_or_prepare(recipe: Recipe, processor, console=None) -> tuple[CachedData
 def _print_stats(console, name: str, ds: CachedDataset) -> None:
     s = ds.stats()
     mods = ", ".join(f"{k} {v}" for k, v in sorted(s["modalities"].items()))
-    console.print(f"[bold]{name}[/bold] {s['file']}: {s['kept']} kept, {s['skipped']} skipped; tokens "
+    console.print(f"[bold]{name}[/bold] {escape(s['file'])}: {s['kept']} kept, {s['skipped']} skipped; tokens "
                   f"min {s['min_len']} / mean {s['mean_len']:.1f} / max {s['max_len']}; {mods}; "
                   f"{s['trained_tokens']} trained tokens")
 
