@@ -177,3 +177,11 @@ def test_pixel_packing_keeps_float32_unless_lossless():
     assert torch.equal(unpack_pixels(packed)["pixel_values"], exact["pixel_values"])
     noisy = {"pixel_values": exact["pixel_values"] + 1e-3}
     assert pack_pixels(noisy, norms)["pixel_values"].dtype == torch.float32
+
+
+def test_a_processor_template_that_does_not_match_the_variant_is_warned_about(tmp_path):
+    path = _dataset(tmp_path, n=1)
+    _, log = _prepare(recipe_for(tmp_path, path, variant="thinking"), path)  # the instruct processor
+    assert "is not omnitune's 'thinking' template" in log
+    _, log = _prepare(recipe_for(tmp_path, path), path)
+    assert "warning" not in log

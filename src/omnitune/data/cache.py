@@ -28,6 +28,7 @@ from rich.markup import escape
 from omnitune.data.pixels import pack_pixels, pixel_norms, unpack_pixels
 from omnitune.data.render import IGNORE, render
 from omnitune.data.schema import Record, RecordError, read_records
+from omnitune.data.template import chat_template
 from omnitune.recipe import DataConfig, Recipe, RecipeError
 
 CACHE_VERSION = 2
@@ -137,6 +138,9 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
     """Validate, decode and render every record of one data file, or reuse its valid cache."""
     console = console or _console()
     path = Path(path)
+    if getattr(processor, "chat_template", None) != chat_template(recipe.model.variant):
+        console.print(f"[yellow]warning:[/yellow] the processor's chat template is not omnitune's "
+                      f"'{recipe.model.variant}' template (model.variant); samples follow the processor's")
     records = list(read_records(path, recipe.model.variant))
     root = cache_root(recipe)
     root.mkdir(parents=True, exist_ok=True)
