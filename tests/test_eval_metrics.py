@@ -1,11 +1,11 @@
-"""Task metrics: the documented normaliser, WER/CER (CJK per character), BLEU/ROUGE-L, MCQ letters, QA EM/F1."""
+"""Task metrics: the documented normaliser, WER/CER (CJK per character), BLEU/ROUGE-L/CIDEr, MCQ letters, QA EM/F1."""
 
 from __future__ import annotations
 
 import pytest
 
-from omnitune.eval.metrics import (asr_sample, asr_scores, caption_scores, extract_choice, mcq_sample, mcq_scores,
-                                   normalize_transcript, parse_options, qa_sample, script_group, tokens)
+from omnitune.eval.metrics import (asr_sample, asr_scores, caption_scores, cider, extract_choice, mcq_sample,
+                                   mcq_scores, normalize_transcript, parse_options, qa_sample, script_group, tokens)
 
 OPTIONS = "Which city is the capital of France?\nA. London\nB. Berlin\nC) Rome\nD. Paris\nAnswer:"
 
@@ -69,3 +69,13 @@ def test_qa_exact_match_and_token_f1_follow_squad():
     assert qa_sample("in Paris, France", "Paris") == {"exact_match": 0.0, "f1": pytest.approx(0.5)}
     assert qa_sample("London", "Paris") == {"exact_match": 0.0, "f1": 0.0}
     assert qa_sample("北京市", "北京")["f1"] == pytest.approx(0.8)
+
+
+def test_cider_matches_the_coco_caption_scorer():
+    # Expected values: pycocoevalcap 1.2's Cider().compute_score on the same normalised tokens.
+    preds = ["a cat sits on the mat", "a dog runs in the park", "two people ride bikes", "一只猫坐在垫子上"]
+    refs = [["the cat sat on the mat", "a cat on a mat"], ["a dog is running through a park"],
+            ["people riding bicycles down a road"], ["一只猫在垫子上"]]
+    assert cider(preds, refs) == pytest.approx(2.77931683580718, rel=1e-9)
+    assert cider(preds, [r[:1] for r in refs]) == pytest.approx(2.932104781319502, rel=1e-9)
+    assert caption_scores(preds, [r[0] for r in refs])["cider"] == pytest.approx(2.932104781319502, rel=1e-9)

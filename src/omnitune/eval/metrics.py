@@ -1,4 +1,4 @@
-"""Task scores: ASR (WER/CER), captions (BLEU, ROUGE-L), multiple choice (accuracy), QA (exact match, token F1).
+"""Task scores: ASR (WER/CER), captions (BLEU, ROUGE-L, CIDEr), multiple choice (accuracy), QA (exact match, token F1).
 
 Text normalisation for ASR (`normalize_transcript`), documented because WER depends on it:
 1. Unicode NFKC (full-width forms -> ASCII, ligatures split), then lower case (casefold).
@@ -14,6 +14,7 @@ removed. Every sample is assigned a script group (`cjk` when most letters of the
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import unicodedata
@@ -103,8 +104,8 @@ class _RougeTokenizer:
 
 
 def caption_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu; 'zh' tokenisation when the references are mostly CJK, else '13a') and mean
-    ROUGE-L F1 (rouge-score, with the CJK-aware tokeniser), both on a 0-100 scale."""
+    """Corpus BLEU (sacrebleu; 'zh' tokenisation when the references are mostly CJK, else '13a'), mean
+    ROUGE-L F1 (rouge-score, with the CJK-aware tokeniser), both 0-100, and CIDEr (`cider`)."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -112,7 +113,56 @@ def caption_scores(predictions: list[str], references: list[str]) -> dict[str, f
     bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if cjk else "13a")
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    return {"bleu": float(bleu.score), "rougeL": 100.0 * sum(rouge) / max(len(rouge), 1)}
+    return {"bleu": float(bleu.score), "rougeL": 100.0 * sum(rouge) / max(len(rouge), 1),
+            "cider": cider(predictions, [[r] for r in references])}
+
+
+def _ngrams(words: list[str], n_max: int = 4) -> Counter:
+    return Counter(tuple(words[i:i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1))
+
+
+def cider(predictions: list[str], references: list[list[str]], sigma: float = 6.0) -> float:
+    """CIDEr as the COCO caption evaluation computes it (Vedantam et al. 2015, with COCO's Gaussian length
+    penalty and clipped n-gram counts, x10), n = 1..4, document frequencies over this set of references.
+
+    Text goes through our normaliser (CJK per character) instead of COCO's Java PTB tokenizer. There is no
+    maintained pip package for it (pycocoevalcap is a 100 MB wheel of Java jars); tests/test_eval_metrics.py
+    pins values computed with pycocoevalcap's scorer on the same tokens.
+    """
+    def tok(text: str) -> list[str]:
+        return tokens(normalize_transcript(text))
+
+    hyps = [_ngrams(tok(p)) for p in predictions]
+    refs = [[_ngrams(tok(r)) for r in rs] for rs in references]
+    df: Counter = Counter()
+    for rs in refs:
+        df.update({g for r in rs for g in r})
+    log_n = math.log(max(len(refs), 1))
+
+    def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(4)]
+        norm = [0.0] * 4
+        for g, tf in counts.items():
+            n = len(g) - 1
+            vec[n][g] = tf * (log_n - math.log(max(1.0, df[g])))
+            norm[n] += vec[n][g] ** 2
+        # COCO's scorer takes the length from the bigram counts (its `n == 1`): kept for comparable numbers.
+        length = sum(tf for g, tf in counts.items() if len(g) == 2)
+        return vec, [math.sqrt(x) for x in norm], length
+
+    total = 0.0
+    for h, rs in zip(hyps, refs):
+        vh, nh, lh = vector(h)
+        score = [0.0] * 4
+        for r in rs:
+            vr, nr, lr = vector(r)
+            for n in range(4):
+                val = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vh[n].items())
+                if nh[n] and nr[n]:
+                    val /= nh[n] * nr[n]
+                score[n] += val * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+        total += 10.0 * (sum(score) / 4) / max(len(rs), 1)
+    return total / max(len(hyps), 1)
 
 
 def caption_sample(prediction: str, reference: str) -> dict[str, float]:
