@@ -106,6 +106,18 @@ def cuda_time_ms(fn, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def profile_print(step, label: str, steps: int) -> None:
+    """Per-op GPU time (self), summed over `steps` steps, to stderr: where the time goes, by aten op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=28, max_name_column_width=60)
+    print(f"== profile {label} ({steps} steps)\n{table}", file=sys.stderr, flush=True)
+
+
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
 
@@ -142,14 +154,7 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
     times = cuda_time_ms(step, warmup=3, iters=20)
     ms = statistics.median(times)
     if os.environ.get("BENCH_PROFILE") and DEVICE == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-        print(f"== profile layer:{impl} (3 steps)\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18),
-              file=sys.stderr, flush=True)
+        profile_print(step, f"layer:{impl}", steps=3)
     return dict(part="layer", impl=impl, tokens=tokens, ms=ms, tok_s=tokens / ms * 1e3,
                 peak_gib=peak_gib())
 
@@ -174,7 +179,8 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if impl == "ours":
-        assert K.enable_fast_expert_lora(model) == layers
+        enabled = K.enable_fast_lora(model)
+        assert enabled == {"experts": layers, "linear": 4 * layers}, enabled
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
@@ -200,6 +206,8 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=2, iters=steps)
+    if os.environ.get("BENCH_PROFILE") and DEVICE == "cuda":
+        profile_print(step, f"model:{impl}:{seq}:{layers}", steps=1)
     ms = statistics.median(times)
     return dict(part="model", impl=impl, seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
                 peak_gib=peak_gib(), build_s=build_s,
@@ -291,7 +299,7 @@ def spawn(spec: str, timeout: int) -> dict:
         return dict(spec=spec, error=f"timeout after {timeout}s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if os.environ.get("BENCH_PROFILE"):
-        print("\n".join(ln for ln in proc.stderr.splitlines() if "%" in ln or "==" in ln or "Name" in ln)[-6000:])
+        print("\n".join(ln for ln in proc.stderr.splitlines() if "%" in ln or "==" in ln or "Name" in ln)[-9000:])
     if proc.returncode != 0 or not lines:
         err = proc.stderr.strip().splitlines()
         oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)

@@ -46,3 +46,16 @@ def test_frozen_head_gets_no_weight_grad_and_bf16_is_close():
     (g16,) = torch.autograd.grad(fast.sum(), h16)
     assert (fast.double() - ref).norm() / ref.norm() < 1e-2
     assert (g16.double() - g_ref).norm() / g_ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_frozen_head_forms_hidden_grad_in_forward_and_matches_reference(chunk_size):
+    h, w, labels = make_inputs()
+    w = w.detach()  # frozen lm_head: the single-pass path
+    g = torch.randn(h.shape[0], dtype=h.dtype)
+    fast = chunked_linear_cross_entropy(h, w, labels, chunk_size=chunk_size)
+    ref = reference_linear_cross_entropy(h, w, labels)
+    assert torch.allclose(fast.double(), ref.double(), atol=1e-5)
+    (gf,) = torch.autograd.grad((fast * g).sum(), h)
+    (gr,) = torch.autograd.grad((ref * g).sum(), h)
+    assert torch.allclose(gf, gr, atol=1e-5)

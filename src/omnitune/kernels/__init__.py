@@ -1,7 +1,8 @@
 """Fast training kernels for Qwen3-Omni, each beside the plain PyTorch reference it is tested against.
 
 - `moe_experts`: grouped-GEMM experts forward with per-expert LoRA (experts implementation "omnitune").
-- `peft_lora`: `enable_fast_expert_lora(peft_model)` runs PEFT target_parameters LoRA through that path.
+- `peft_lora`: `enable_fast_lora(peft_model)` runs PEFT's LoRA (target_parameters experts + linear layers) through
+  the fast paths, on PEFT's own adapter tensors.
 - `loss`: chunked linear + cross-entropy returning per-token losses without holding [N, V] logits.
 """
 from .loss import chunked_linear_cross_entropy, reference_linear_cross_entropy
@@ -13,6 +14,20 @@ from .moe_experts import (
 )
 
 register_experts_implementation("omnitune")
+
+
+def enable_fast_lora(model):
+    """The trainer's switch: experts LoRA through the grouped path + linear LoRA in the activation dtype."""
+    from .peft_lora import enable_fast_lora as _enable
+
+    return _enable(model)
+
+
+def disable_fast_lora(model):
+    """Restore PEFT's own forwards everywhere `enable_fast_lora` changed them."""
+    from .peft_lora import disable_fast_lora as _disable
+
+    return _disable(model)
 
 
 def enable_fast_expert_lora(model):
@@ -36,6 +51,8 @@ __all__ = [
     "omnitune_experts_forward",
     "reference_experts_forward",
     "register_experts_implementation",
+    "enable_fast_lora",
+    "disable_fast_lora",
     "enable_fast_expert_lora",
     "disable_fast_expert_lora",
 ]

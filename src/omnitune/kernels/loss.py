@@ -1,9 +1,11 @@
 """Memory-lean linear + cross-entropy: per-token losses without ever holding the [N, V] logits.
 
 `chunked_linear_cross_entropy(hidden [N, H], weight [V, H], labels [N])` -> per-token loss [N] in fp32, 0 where
-labels == ignore_index. Tokens are processed `chunk_size` at a time: the forward keeps only the fp32 log-sum-exp
-per token; the backward recomputes each chunk's logits, forms softmax - onehot scaled by the incoming per-token
-gradient, and accumulates grad_hidden and (only if the weight needs it) grad_weight in fp32. Peak extra memory is
+labels == ignore_index. Tokens are processed `chunk_size` at a time. With a frozen lm_head (LoRA), the forward
+also forms each token's unit hidden gradient (softmax - onehot) @ W while the chunk's logits are at hand, and the
+backward only scales its rows by the incoming per-token gradient. When the head itself trains, the forward keeps
+the fp32 log-sum-exp per token and the backward recomputes each chunk's logits to accumulate grad_hidden and
+grad_weight (fp32). Peak extra memory is
 one [chunk, V] fp32 block instead of [N, V] bf16 logits + [N, V] fp32 upcast + its softmax.
 Labels must already be aligned with `hidden` (shift them before calling for causal LM).
 """
@@ -22,18 +24,33 @@ class _ChunkedLinearCE(torch.autograd.Function):
         target_logit = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        # d loss_t / d h_t depends on token t alone and the upstream gradient only scales it, so with a frozen head
+        # the hidden gradient is formed here, once, and backward is a row scaling: no second pass over the vocab.
+        early_grad = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        grad_hidden_unit = torch.empty_like(hidden) if early_grad else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits = (hidden[start:end] @ weight.T).float()  # [c, V] fp32
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             target_logit[start:end] = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
+            if early_grad:
+                grad_logits = _softmax_minus_onehot_(logits, lse[start:end], safe_labels[start:end])
+                grad_logits.mul_(valid[start:end, None])
+                grad_hidden_unit[start:end] = grad_logits.to(hidden.dtype) @ weight
         loss = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
-        ctx.save_for_backward(hidden, weight, safe_labels, valid, lse)
+        if early_grad:
+            ctx.save_for_backward(grad_hidden_unit)
+        else:
+            ctx.save_for_backward(hidden, weight, safe_labels, valid, lse)
+        ctx.early_grad = early_grad
         ctx.chunk_size = chunk_size
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.early_grad:
+            (grad_hidden_unit,) = ctx.saved_tensors
+            return grad_hidden_unit * grad_loss.to(grad_hidden_unit.dtype)[:, None], None, None, None, None
         hidden, weight, labels, valid, lse = ctx.saved_tensors
         chunk_size = ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -44,11 +61,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits = (hidden[start:end] @ weight.T).float()
-            # d loss / d logits = (softmax - onehot) * g, built in place in the fp32 chunk
-            grad_logits = logits.sub_(lse[start:end, None]).exp_()
-            grad_logits[torch.arange(end - start, device=hidden.device), labels[start:end]] -= 1.0
-            grad_logits.mul_(scale[start:end, None])
-            grad_logits = grad_logits.to(hidden.dtype)
+            grad_logits = _softmax_minus_onehot_(logits, lse[start:end], labels[start:end])
+            grad_logits = grad_logits.mul_(scale[start:end, None]).to(hidden.dtype)
             if need_h:
                 grad_hidden[start:end] = grad_logits @ weight
             if need_w:
@@ -56,6 +70,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _softmax_minus_onehot_(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """In place on an fp32 logits chunk: softmax(logits) - onehot(labels), i.e. d CE / d logits."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(probs.shape[0], device=probs.device), labels] -= 1.0
+    return probs
 
 
 def chunked_linear_cross_entropy(

@@ -54,6 +54,47 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     return perm, offsets
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x [T, H] -> x[perm // K] [S, H]; backward gathers back and sums the K copies (no sort, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, inv_perm, top_k):
+        ctx.save_for_backward(inv_perm)
+        ctx.top_k = top_k
+        return x.index_select(0, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (inv_perm,) = ctx.saved_tensors
+        grad = grad_rows.index_select(0, inv_perm)
+        return grad.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """y [S, H] in expert order, w [T, K] -> out[t] = sum_k w[t, k] * y[inv_perm[t*K + k]] (one gather + bmm)."""
+
+    @staticmethod
+    def forward(ctx, y, weights, perm, inv_perm, token_of_row):
+        num_tokens, top_k = weights.shape
+        y_tok = y.index_select(0, inv_perm).view(num_tokens, top_k, -1)  # [T, K, H] token order
+        w = weights.to(y.dtype)
+        out = torch.bmm(w.unsqueeze(1), y_tok).squeeze(1)
+        ctx.save_for_backward(y_tok, w, perm, token_of_row)
+        ctx.weights_dtype = weights.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_tok, w, perm, token_of_row = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # row s of y came from flat slot perm[s] = token * K + k: its grad is w[token, k] * grad_out[token]
+            grad_y = grad_out.index_select(0, token_of_row) * w.reshape(-1).index_select(0, perm).unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(y_tok, grad_out.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
+        return grad_y, grad_w, None, None, None
+
+
 def grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, loras: Sequence[ExpertLoRA] = (), force_loop: bool = False
 ) -> torch.Tensor:
@@ -93,17 +134,26 @@ def moe_experts_forward(
     top_k = top_k_index.shape[-1]
 
     perm, offsets = route(top_k_index, experts.num_experts)
-    x_g = hidden_states[perm // top_k]  # [S, H] token rows in expert order
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+    token_of_row = perm // top_k
+    x_g = _GatherTokens.apply(hidden_states, token_of_row, inv_perm, top_k)  # [S, H] token rows in expert order
 
-    gate_up = grouped_linear(x_g, expert_weight(experts, "gate_up_proj"), offsets, lora.get("gate_up_proj", ()), force_loop)
+    gate_up_loras = lora.get("gate_up_proj", ())
+    gate_up = grouped_linear(x_g, expert_weight(experts, "gate_up_proj"), offsets, (), force_loop)
+    for lora_a, lora_b, scaling in gate_up_loras:
+        # every expert sees the same token rows here, so x @ A^T for ALL experts is one dense GEMM on [T, H]
+        # (E*r columns) followed by a gather of each row's own r columns: cheaper than a skinny grouped GEMM.
+        num_experts, rank, _ = lora_a.shape
+        xa_all = hidden_states @ lora_a.to(hidden_states.dtype).reshape(num_experts * rank, -1).T  # [T, E*r]
+        xa = xa_all.view(-1, num_experts, rank)[token_of_row, top_k_index.reshape(-1)[perm]]  # [S, r]
+        b_t = lora_b.to(x_g.dtype).transpose(-2, -1).contiguous()
+        gate_up = gate_up + grouped_mm(xa * scaling, b_t, offsets, force_loop=force_loop)
     h = _apply_gate(experts, gate_up)
     y = grouped_linear(h, expert_weight(experts, "down_proj"), offsets, lora.get("down_proj", ()), force_loop)
 
-    y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
-    # deterministic: gather back to (token, slot) order and sum the K slots (no atomics)
-    out = y[inv_perm].view(num_tokens, top_k, hidden_dim).sum(dim=1)
+    # routing weights, back to token order, sum of the K slots: one gather + a [T,1,K]x[T,K,H] bmm, deterministic
+    out = _CombineSlots.apply(y, top_k_weights, perm, inv_perm, token_of_row)
     return out.to(hidden_states.dtype)
 
 
