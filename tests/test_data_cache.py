@@ -112,12 +112,19 @@ def test_dataset_pickles_by_reference_for_dataloader_workers(tmp_path):
     assert back.lines == [5, 2] and torch.equal(back[0]["input_ids"], sub[0]["input_ids"])
 
 
-def test_worker_processes_render_the_same_samples(tmp_path, monkeypatch):
+def test_worker_processes_render_the_same_samples_and_skips(tmp_path, monkeypatch):
     path = _dataset(tmp_path, n=5)
-    inline, _ = _prepare(recipe_for(tmp_path / "a", path), path)
+    (tmp_path / "media" / "bad.wav").write_bytes(b"garbage")
+    lines = path.read_text().splitlines()
+    bad = json.dumps({"conversations": [user(("audio", tmp_path / "media" / "bad.wav")),
+                                        {"role": "assistant", "content": "x"}]})
+    path.write_text("\n".join(lines[:3] + [bad] + lines[3:]) + "\n")
+    inline, log_inline = _prepare(recipe_for(tmp_path / "a", path, on_error="skip"), path)
     monkeypatch.setattr(cache, "INLINE_SECONDS", 0.0)  # hand everything after the first record to workers
-    parallel, _ = _prepare(recipe_for(tmp_path / "b", path, workers=2), path)
-    assert len(inline) == len(parallel) == 5
+    parallel, log = _prepare(recipe_for(tmp_path / "b", path, workers=2, on_error="skip"), path)
+    assert len(inline) == len(parallel) == 5 and inline.lines == parallel.lines == [1, 2, 3, 5, 6]
+    assert f"{path}:4: cannot decode audio" in log and "skipped 1 bad record(s)" in log
+    assert inline.manifest["skipped"] == parallel.manifest["skipped"]
     for a, b in zip(inline, parallel):
         assert a.keys() == b.keys()
         for k in a:
@@ -185,3 +192,12 @@ def test_a_processor_template_that_does_not_match_the_variant_is_warned_about(tm
     assert "is not omnitune's 'thinking' template" in log
     _, log = _prepare(recipe_for(tmp_path, path), path)
     assert "warning" not in log
+
+
+def test_samples_stream_into_several_shards_in_file_order(tmp_path, monkeypatch):
+    path = _dataset(tmp_path, n=4)
+    one, _ = _prepare(recipe_for(tmp_path / "a", path), path)
+    monkeypatch.setattr(cache, "SHARD_BYTES", 1)  # every sample closes its shard
+    many, _ = _prepare(recipe_for(tmp_path / "b", path), path)
+    assert len(one.manifest["shards"]) == 1 and len(many.manifest["shards"]) == 4
+    assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(one, many)] == [True] * 4

@@ -153,8 +153,9 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
         if is_valid_cache(final, key):
             console.print(f"[dim]{escape(str(path))}: using cache {escape(str(final))}[/dim]")
             return CachedDataset(final)
-        samples, skipped = _render_all(recipe.data, processor, work / "processor", records, path, console)
-        _write_cache(work / "out", samples, skipped, key, path)
+        writer = _ShardWriter(work / "out")
+        skipped = _render_all(recipe.data, processor, work / "processor", records, path, console, writer)
+        writer.finish(skipped, key, path)
         if final.exists():  # an invalid leftover (or another run's): never trusted, replace it
             shutil.rmtree(final, ignore_errors=True)
         try:
@@ -178,8 +179,9 @@ def _remove_orphans(root: Path) -> None:
             pass
 
 
-def _render_all(data: DataConfig, processor, processor_dir: Path, records: list, path: Path, console):
-    """Render valid records (in worker processes when worth it); return kept samples and skipped messages."""
+def _render_all(data: DataConfig, processor, processor_dir: Path, records: list, path: Path, console,
+                writer: "_ShardWriter") -> list[str]:
+    """Render valid records (in worker processes when worth it) into `writer` in file order; return the skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     skipped: list[str] = []
@@ -197,10 +199,24 @@ def _render_all(data: DataConfig, processor, processor_dir: Path, records: list,
             bad(r)
         else:
             todo.append(r)
-    results: dict[int, dict] = {}
-    errors: dict[int, RecordError] = {}
+    # Workers finish out of order; samples wait here until every earlier record is written or skipped.
+    ready: dict[int, dict | RecordError] = {}
+    written = 0
+
+    def deliver(i: int, result: dict | RecordError) -> None:
+        nonlocal written
+        ready[i] = result
+        while written in ready:
+            r = ready.pop(written)
+            if isinstance(r, RecordError):
+                bad(r)
+            else:
+                writer.add(todo[written].line, r)
+            written += 1
+
     workers = resolve_workers(data, len(todo))
-    columns = (TextColumn(f"preparing {path.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn(f"preparing {escape(path.name)}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("render", total=len(todo))
         # Render here first: worker processes take seconds to start (torch, transformers, the processor), so
@@ -208,38 +224,48 @@ def _render_all(data: DataConfig, processor, processor_dir: Path, records: list,
         start, i = time.monotonic(), 0
         while i < len(todo) and (workers == 0 or time.monotonic() - start < INLINE_SECONDS):
             try:
-                results[i] = pack_pixels(render(processor, todo[i], data), norms)
+                deliver(i, pack_pixels(render(processor, todo[i], data), norms))
             except RecordError as e:
-                bad(e)
+                deliver(i, e)
             bar.advance(task)
             i += 1
         if i < len(todo):
-            ctx = get_context("spawn")  # fork after torch/tokenizer threads start can deadlock
-            with ProcessPoolExecutor(min(workers, len(todo) - i), mp_context=ctx, initializer=_worker_init,
-                                     initargs=(str(processor_dir), data.model_dump())) as pool:
-                pending = {pool.submit(_worker_render, j, todo[j]) for j in range(i, len(todo))}
-                try:
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            j, sample, err = fut.result()
-                            if err is not None:
-                                errors[j] = err
-                                if data.on_error == "fail":
-                                    raise err
-                            else:
-                                results[j] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                                              for k, v in sample.items()}
-                            bar.advance(task)
-                finally:
-                    for fut in pending:
-                        fut.cancel()
-            for j in sorted(errors):  # reported in file order once all are in
-                bad(errors[j])
-    samples = [(todo[i].line, results[i]) for i in sorted(results)]
+            _render_in_workers(min(workers, len(todo) - i), processor_dir, data, todo, i, deliver,
+                               lambda: bar.advance(task))
     if skipped:
         console.print(f"[yellow]{escape(str(path))}: skipped {len(skipped)} bad record(s)[/yellow]")
-    return samples, skipped
+    return skipped
+
+
+def _render_in_workers(workers: int, processor_dir: Path, data: DataConfig, todo: list[Record], first: int,
+                       deliver, advance) -> None:
+    """Render todo[first:] in `workers` spawned processes, a bounded number of records in flight."""
+    ctx = get_context("spawn")  # fork after torch/tokenizer threads start can deadlock
+    window = 4 * workers  # bounds the results held in memory while an earlier record is still rendering
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(str(processor_dir), data.model_dump())) as pool:
+        queue = iter(range(first, len(todo)))
+        pending = set()
+        try:
+            for j in queue:
+                pending.add(pool.submit(_worker_render, j, todo[j]))
+                if len(pending) >= window:
+                    break
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    j, sample, err = fut.result()
+                    if err is not None and data.on_error == "fail":
+                        raise err
+                    deliver(j, err if err is not None else
+                            {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in sample.items()})
+                    advance()
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        pending.add(pool.submit(_worker_render, nxt, todo[nxt]))
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 _WORKER: dict[str, Any] = {}
@@ -266,33 +292,40 @@ def _worker_render(i: int, record: Record):
     return i, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}, None
 
 
-def _write_cache(out: Path, samples: list[tuple[int, dict]], skipped: list[str], key: str, source: Path) -> None:
-    out.mkdir(parents=True)
-    shards, current, size = [], [], 0
+class _ShardWriter:
+    """Writes samples into ~SHARD_BYTES torch shards as they come, then the manifest, last."""
 
-    def flush() -> None:
-        nonlocal current, size
-        name = f"shard-{len(shards):05d}.pt"
-        torch.save(current, out / name)
-        shards.append({"file": name, "count": len(current), "bytes": (out / name).stat().st_size})
-        current, size = [], 0
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True)
+        self.shards: list[dict] = []
+        self.current: list[dict] = []
+        self.size = 0
+        self.meta: dict[str, list] = {"lines": [], "lengths": [], "trained": [], "modalities": []}
 
-    for _, s in samples:
-        current.append(s)
-        size += sum(v.numel() * v.element_size() for v in s.values() if isinstance(v, torch.Tensor))
-        if size >= SHARD_BYTES:
-            flush()
-    if current or not shards:
-        flush()
-    manifest = {
-        "version": CACHE_VERSION, "key": key, "source": str(source), "created": time.time(), "shards": shards,
-        "lines": [line for line, _ in samples], "skipped": skipped,
-        "lengths": [len(s["input_ids"]) for _, s in samples],
-        "trained": [int((s["labels"] != IGNORE).sum()) for _, s in samples],
-        "modalities": [s["modalities"] for _, s in samples],
-    }
-    # The manifest is written last: a directory without it is never trusted.
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    def add(self, line: int, sample: dict[str, Any]) -> None:
+        self.current.append(sample)
+        self.size += sum(v.numel() * v.element_size() for v in sample.values() if isinstance(v, torch.Tensor))
+        self.meta["lines"].append(line)
+        self.meta["lengths"].append(len(sample["input_ids"]))
+        self.meta["trained"].append(int((sample["labels"] != IGNORE).sum()))
+        self.meta["modalities"].append(sample["modalities"])
+        if self.size >= SHARD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.shards):05d}.pt"
+        torch.save(self.current, self.out / name)
+        self.shards.append({"file": name, "count": len(self.current), "bytes": (self.out / name).stat().st_size})
+        self.current, self.size = [], 0
+
+    def finish(self, skipped: list[str], key: str, source: Path) -> None:
+        if self.current or not self.shards:
+            self._flush()
+        manifest = {"version": CACHE_VERSION, "key": key, "source": str(source), "created": time.time(),
+                    "shards": self.shards, "skipped": skipped, **self.meta}
+        # The manifest is written last: a directory without it is never trusted.
+        (self.out / "manifest.json").write_text(json.dumps(manifest))
 
 
 def load_or_prepare(recipe: Recipe, processor, console=None) -> tuple[CachedDataset, CachedDataset | None]:
