@@ -116,6 +116,12 @@ def profile_print(step, label: str, steps: int) -> None:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=28, max_name_column_width=60)
     print(f"== profile {label} ({steps} steps)\n{table}", file=sys.stderr, flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        by_shape = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=120, max_name_column_width=50, max_shapes_column_width=90)
+        with open(os.path.join(out_dir, f"prof_{label}.txt"), "w") as f:
+            f.write(f"{table}\n\n{by_shape}\n")
 
 
 def peak_gib() -> float:
@@ -154,7 +160,7 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
     times = cuda_time_ms(step, warmup=3, iters=20)
     ms = statistics.median(times)
     if os.environ.get("BENCH_PROFILE") and DEVICE == "cuda":
-        profile_print(step, f"layer:{impl}", steps=3)
+        profile_print(step, f"layer_{impl}", steps=3)
     return dict(part="layer", impl=impl, tokens=tokens, ms=ms, tok_s=tokens / ms * 1e3,
                 peak_gib=peak_gib())
 
@@ -178,9 +184,15 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     model = get_peft_model(model, lcfg)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    # "ours~norms~linear~loss" = ours with those features off (to attribute the gain)
+    impl, *off = impl.split("~")
     if impl == "ours":
-        enabled = K.enable_fast_lora(model)
-        assert enabled == {"experts": layers, "linear": 4 * layers}, enabled
+        assert K.enable_fast_expert_lora(model) == layers
+        if "linear" not in off:
+            assert K.enable_fast_lora_linear(model) == 4 * layers
+        if "norms" not in off:
+            K.enable_fused_norms(model)
+    chunked_loss = impl == "ours" and "loss" not in off
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
@@ -191,7 +203,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     thinker = model.base_model.model
 
     def step():
-        if impl == "ours":
+        if chunked_loss:
             hidden = thinker.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
             shifted = torch.cat([labels[0, 1:], labels.new_full((1,), -100)])
             per_token = K.chunked_linear_cross_entropy(hidden, thinker.lm_head.weight, shifted)
@@ -207,9 +219,9 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=2, iters=steps)
     if os.environ.get("BENCH_PROFILE") and DEVICE == "cuda":
-        profile_print(step, f"model:{impl}:{seq}:{layers}", steps=1)
+        profile_print(step, f"model_{'_'.join([impl, *off])}_{seq}_{layers}", steps=1)
     ms = statistics.median(times)
-    return dict(part="model", impl=impl, seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
+    return dict(part="model", impl="~".join([impl, *off]), seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
                 peak_gib=peak_gib(), build_s=build_s,
                 trainable_params=sum(p.numel() for p in params), times_ms=times)
 
@@ -271,7 +283,24 @@ def run_smoke() -> dict:
     gf = torch.autograd.grad(lf.sum(), (h16, W16))
     res["loss_rel"] = rel(lf, lr)
     res["loss_grad_rel"] = [rel(a, b) for a, b in zip(gf, gl)]
-    ok = res["fwd_rel"] < 2e-2 and all(v < 3e-2 for v in res["grad_rel"].values()) and res["unused_expert_grads_zero"]
+    from omnitune.kernels.fused_ops import rms_norm, rms_norm_reference, swiglu, swiglu_reference
+
+    xn = torch.randn(2, 300, 2048, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    wn = torch.randn(2048, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gn = torch.randn_like(xn)
+    a = rms_norm(xn, wn, 1e-6)
+    ga = torch.autograd.grad((a * gn).sum(), (xn, wn))
+    b = rms_norm_reference(xn.double(), wn.double(), 1e-6)
+    gb = torch.autograd.grad((b * gn.double()).sum(), (xn, wn))
+    res["rms_norm_rel"] = [rel(a, b)] + [rel(u, v.double()) for u, v in zip(ga, gb)]
+    gu = torch.randn(777, 1536, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    a = swiglu(gu)
+    (ga,) = torch.autograd.grad((a * a.detach()).sum(), gu)
+    b = swiglu_reference(gu.double())
+    (gb,) = torch.autograd.grad((b * a.detach().double()).sum(), gu)
+    res["swiglu_rel"] = [rel(a, b), rel(ga, gb.double())]
+    ok = all(v < 1e-2 for v in res["rms_norm_rel"] + res["swiglu_rel"])
+    ok = ok and res["fwd_rel"] < 2e-2 and all(v < 3e-2 for v in res["grad_rel"].values()) and res["unused_expert_grads_zero"]
     ok = ok and res["all_finite"] and res["loss_rel"] < 1e-2 and all(v < 2e-2 for v in res["loss_grad_rel"])
     res["ok"] = bool(ok)
     res["part"] = "smoke"
@@ -323,7 +352,8 @@ def table(results: list[dict]) -> str:
             continue
         n = r.get("seq", r.get("tokens"))
         b = base.get((r["part"], n))
-        label = "omnitune" if r["impl"] == "ours" else "transformers grouped_mm + PEFT"
+        impl, *off = r["impl"].split("~")
+        label = "transformers grouped_mm + PEFT" if impl == "peft" else "omnitune" + (f" (no {'/'.join(off)})" if off else "")
         mfu_s = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         rows.append(f"| {r['part']} | {label} | {n} | {r['ms']:.2f} | {r['tok_s']:.0f} | {mfu_s} | "
                     f"{r['peak_gib']:.1f} | {b / r['ms']:.2f}x |" if b else
@@ -337,6 +367,7 @@ def main() -> None:
     ap.add_argument("--parts", default="smoke,layer,model")
     ap.add_argument("--seqs", default="4096,8192")
     ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--ablate", default="", help="extra model variants, e.g. ours~norms,ours~linear,ours~loss")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per subprocess")
     args = ap.parse_args()
     if args.child:
@@ -357,6 +388,7 @@ def main() -> None:
     if "model" in parts:
         for seq in args.seqs.split(","):
             specs += [f"model:peft:{seq}:{args.layers}", f"model:ours:{seq}:{args.layers}"]
+            specs += [f"model:{v}:{seq}:{args.layers}" for v in args.ablate.split(",") if v]
     results = []
     out_dir = os.environ.get("OUT", ".")
     for spec in specs:

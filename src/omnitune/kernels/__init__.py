@@ -3,8 +3,10 @@
 - `moe_experts`: grouped-GEMM experts forward with per-expert LoRA (experts implementation "omnitune").
 - `peft_lora`: `enable_fast_lora(peft_model)` runs PEFT's LoRA (target_parameters experts + linear layers) through
   the fast paths, on PEFT's own adapter tensors.
+- `fused_ops`: `enable_fused_norms(model)`: RMSNorm (and the experts' SwiGLU) as fused compiled kernels on CUDA.
 - `loss`: chunked linear + cross-entropy returning per-token losses without holding [N, V] logits.
 """
+from .fused_ops import disable_fused_norms, enable_fused_norms
 from .loss import chunked_linear_cross_entropy, reference_linear_cross_entropy
 from .moe_experts import (
     moe_experts_forward,
@@ -28,6 +30,13 @@ def disable_fast_lora(model):
     from .peft_lora import disable_fast_lora as _disable
 
     return _disable(model)
+
+
+def enable_fast_lora_linear(model):
+    """PEFT lora.Linear layers compute LoRA in the activation dtype with a fused add (see `peft_lora`)."""
+    from .peft_lora import enable_fast_lora_linear as _enable
+
+    return _enable(model)
 
 
 def enable_fast_expert_lora(model):
@@ -54,5 +63,8 @@ __all__ = [
     "enable_fast_lora",
     "disable_fast_lora",
     "enable_fast_expert_lora",
+    "enable_fast_lora_linear",
+    "enable_fused_norms",
+    "disable_fused_norms",
     "disable_fast_expert_lora",
 ]

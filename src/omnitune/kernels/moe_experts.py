@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .fused_ops import swiglu
 from .grouped_gemm import grouped_mm
 
 # One LoRA adapter on one fused projection: A [E, r, in], B [E, out, r], scaling. Delta W_e = scaling * B_e @ A_e.
@@ -109,6 +110,12 @@ def grouped_linear(
 
 
 def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    from transformers.integrations.moe import _default_apply_gate
+
+    if type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation") and getattr(
+        type(experts), "_apply_gate", _default_apply_gate
+    ) is _default_apply_gate:
+        return swiglu(gate_up)  # fused silu(gate) * up on CUDA
     apply_gate = getattr(experts, "_apply_gate", None)
     if apply_gate is not None:
         return apply_gate(gate_up)

@@ -1,0 +1,38 @@
+"""Fused norm / SwiGLU swaps keep the model's function; their math is transformers' own."""
+import torch
+from test_kernels_peft import batch, tiny_thinker
+
+from omnitune.kernels.fused_ops import (
+    disable_fused_norms,
+    enable_fused_norms,
+    rms_norm,
+    swiglu,
+    swiglu_reference,
+)
+
+
+def test_rms_norm_matches_the_transformers_module():
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextRMSNorm
+
+    norm = Qwen3OmniMoeThinkerTextRMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+def test_swiglu_is_silu_gate_times_up():
+    gu = torch.randn(7, 10, dtype=torch.float64)
+    assert torch.allclose(swiglu(gu), torch.nn.functional.silu(gu[:, :5]) * gu[:, 5:])
+    assert torch.equal(swiglu(gu), swiglu_reference(gu))
+
+
+def test_enable_fused_norms_swaps_every_thinker_norm_and_keeps_logits():
+    model = tiny_thinker("omnitune")
+    inputs = batch()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        n = enable_fused_norms(model)
+        assert n >= 4 * 2 + 1  # per layer: input, post-attention, q_norm, k_norm; plus the final norm
+        assert torch.equal(model(**inputs).logits, ref)
+        assert disable_fused_norms(model) == n
