@@ -106,6 +106,12 @@ def cuda_time_ms(fn, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def want_profile(label: str) -> bool:
+    """BENCH_PROFILE=1 profiles every run; BENCH_PROFILE=a,b only labels starting with a or b."""
+    spec = os.environ.get("BENCH_PROFILE", "")
+    return DEVICE == "cuda" and bool(spec) and (spec == "1" or any(label.startswith(p) for p in spec.split(",")))
+
+
 def profile_print(step, label: str, steps: int) -> None:
     """Per-op GPU time (self), summed over `steps` steps, to stderr: where the time goes, by aten op."""
     from torch.profiler import ProfilerActivity, profile
@@ -159,7 +165,7 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=3, iters=20)
     ms = statistics.median(times)
-    if os.environ.get("BENCH_PROFILE") and DEVICE == "cuda":
+    if want_profile(f"layer_{impl}"):
         profile_print(step, f"layer_{impl}", steps=3)
     return dict(part="layer", impl=impl, tokens=tokens, ms=ms, tok_s=tokens / ms * 1e3,
                 peak_gib=peak_gib())
@@ -218,8 +224,9 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=2, iters=steps)
-    if os.environ.get("BENCH_PROFILE") and DEVICE == "cuda":
-        profile_print(step, f"model_{'_'.join([impl, *off])}_{seq}_{layers}", steps=1)
+    label = f"model_{'_'.join([impl, *off])}_{seq}_{layers}"
+    if want_profile(label):
+        profile_print(step, label, steps=1)
     ms = statistics.median(times)
     return dict(part="model", impl="~".join([impl, *off]), seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
                 peak_gib=peak_gib(), build_s=build_s,
