@@ -35,6 +35,14 @@ def test_streamed_pieces_add_up_to_the_returned_text(text_only, media):
     assert len(pieces) > 1 and gen.audio is None and 0 < gen.new_tokens <= 12
 
 
+def test_speech_is_on_by_default_when_the_checkpoint_has_a_talker(lora_run_dir, tmp_path):
+    from omnitune.export import export_run
+
+    assert Inferencer(lora_run_dir).has_speech
+    export_run(lora_run_dir, tmp_path / "text", thinker_only=True)
+    assert not Inferencer(tmp_path / "text").has_speech
+
+
 def test_no_speech_loads_only_the_thinker(text_only, media):
     assert isinstance(text_only.model, Qwen3OmniMoeThinkerForConditionalGeneration)
     with pytest.raises(InferError, match="without the Talker"):

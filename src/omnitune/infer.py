@@ -147,6 +147,13 @@ def load_model(src: Source, speech: bool, merge: bool = True) -> torch.nn.Module
     return full.eval()
 
 
+def has_talker(path: str) -> bool:
+    """Whether a checkpoint holds the Talker + Code2Wav (config `enable_audio_output`)."""
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(resolve_model_path(path)), "enable_audio_output", False))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Conversation -> model inputs
 
@@ -293,14 +300,17 @@ class Generation:
 
 
 class Inferencer:
-    """Load once, generate many times. `speech=False` loads only the Thinker."""
+    """Load once, generate many times. `speech=False` loads only the Thinker; `speech=None` (default) loads the
+    Talker when the checkpoint has one and the variant is not Thinking."""
 
-    def __init__(self, source: str | Path | Recipe, *, adapter: str | Path | None = None, speech: bool = True,
+    def __init__(self, source: str | Path | Recipe, *, adapter: str | Path | None = None, speech: bool | None = None,
                  dtype: str | None = None, variant: str | None = None, device: str | None = None,
                  data: DataConfig | None = None, merge: bool = True):
         self.source = resolve_source(source, adapter=adapter, dtype=dtype, variant=variant)
         if data is not None:
             self.source.data = data
+        if speech is None:
+            speech = self.source.variant != "thinking" and has_talker(self.source.model.path)
         self.processor = load_generation_processor(self.source)
         self.tokenizer = self.processor.tokenizer
         self.model = load_model(self.source, speech=speech, merge=merge)
