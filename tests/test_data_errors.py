@@ -41,6 +41,8 @@ def _bad_records(tmp_path):
         ({"conversations": [{"role": "user", "content": "q"}]}, "last turn must be an assistant turn"),
         ({"conversations": [{"role": "user", "content": "q"}, a, {"role": "system", "content": "s"}, a]},
          "system turn may only come first"),
+        ({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\nHi"}]},
+         "starts with a newline"),
         (OK, None),
     ]
 

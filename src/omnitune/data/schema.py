@@ -225,6 +225,9 @@ def _assistant(turn: dict, where: str, variant: str, fail) -> dict[str, Any]:
         raise fail(f"{where}: empty assistant turn")
     if not answer.strip():
         raise fail(f"{where}: assistant turn has reasoning but an empty answer")
+    if text.startswith("\n") and "</think>" not in text:
+        raise fail(f"{where}: assistant text starts with a newline, which would merge with the turn header's "
+                   "newline into one token; remove it")
     if "<think>" in text and "</think>" not in text:
         raise fail(f"{where}: <think> without </think>")
     msg: dict[str, Any] = {"role": "assistant", "content": text}
