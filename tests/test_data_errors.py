@@ -98,3 +98,12 @@ def test_media_paths_are_relative_to_the_data_file(tmp_path):
         user(("image", "media/i.png")), {"role": "assistant", "content": "blue"}]}])
     (rec,) = read_records(path)
     assert rec.media[0].path == (tmp_path / "sub" / "media" / "i.png").resolve()
+
+
+def test_a_prompt_for_generation_may_end_with_a_user_turn():
+    from omnitune.data.schema import validate_record
+
+    prompt = {"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
+    assert validate_record(prompt, "p.jsonl", 1, require_answer=False).n_assistant == 0
+    with pytest.raises(RecordError, match="last turn must be an assistant turn"):
+        validate_record(prompt, "p.jsonl", 1)

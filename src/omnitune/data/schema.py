@@ -116,8 +116,11 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instruct") -> Record:
-    """Check one decoded JSON value; return it as a Record or raise RecordError."""
+def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instruct",
+                    require_answer: bool = True) -> Record:
+    """Check one decoded JSON value; return it as a Record or raise RecordError.
+
+    require_answer=False accepts a conversation ending in a user turn (a prompt for generation)."""
     def fail(reason: str) -> RecordError:
         return RecordError(file, line, reason)
 
@@ -149,7 +152,7 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
             content = _content(turn["content"], role, where, base, media, fail)
             messages.append({"role": role, "content": content})
         prev = role
-    if prev != "assistant":
+    if prev != "assistant" and (require_answer or prev != "user"):
         raise fail("the last turn must be an assistant turn: only assistant turns are trained")
     return Record(str(file), line, messages, media)
 
