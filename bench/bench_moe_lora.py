@@ -106,6 +106,21 @@ def cuda_time_ms(fn, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def count_host_syncs(fn) -> int:
+    """How many times one call of `fn` makes the CPU wait for the GPU (torch's sync debug mode, as warnings)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def want_profile(label: str) -> bool:
     """BENCH_PROFILE=1 profiles every run; BENCH_PROFILE=a,b only labels starting with a or b."""
     spec = os.environ.get("BENCH_PROFILE", "")
@@ -224,12 +239,13 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=2, iters=steps)
+    syncs = count_host_syncs(step) if DEVICE == "cuda" else None
     label = f"model_{'_'.join([impl, *off])}_{seq}_{layers}"
     if want_profile(label):
         profile_print(step, label, steps=1)
     ms = statistics.median(times)
     return dict(part="model", impl="~".join([impl, *off]), seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
-                peak_gib=peak_gib(), build_s=build_s,
+                peak_gib=peak_gib(), build_s=build_s, host_syncs_per_step=syncs,
                 trainable_params=sum(p.numel() for p in params), times_ms=times)
 
 
@@ -276,6 +292,9 @@ def run_smoke() -> dict:
     res["fwd_rel"] = rel(out, ref)
     names = ["x", "routing_w", "gate_up_W", "down_W", "A_gu", "B_gu", "A_down", "B_down"]
     res["grad_rel"] = {n: rel(a, b) for n, a, b in zip(names, grads, ref_grads)}
+    res["moe_host_syncs"] = count_host_syncs(lambda: torch.autograd.grad(
+        (moe_experts_forward(ex, x16, idx, w16, lora={"gate_up_proj": [(a1, b1, 2.0)], "down_proj": [(a2, b2, 2.0)]})
+         .double() * g).sum(), leaves16))
     res["unused_expert_grads_zero"] = all(bool((gr[used:] == 0).all()) for gr in grads[2:])
     res["all_finite"] = all(bool(torch.isfinite(gr).all()) for gr in grads) and bool(torch.isfinite(out).all())
 

@@ -50,7 +50,9 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     """One stable sort of the flattened (token, slot) pairs by expert: (perm [T*K], offsets [E] int32)."""
     flat = top_k_index.reshape(-1)
     _, perm = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the max back to the host, a sync per layer that stalls the
+    # CPU/GPU pipeline (the whole training step is launch-bound, so every sync is paid in full)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     return perm, offsets
 
