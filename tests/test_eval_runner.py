@@ -7,7 +7,9 @@ import math
 import re
 
 import pytest
+from rich.console import Console
 
+from omnitune.eval.report import scores_table
 from omnitune.eval.runner import (EvalError, evaluate, exact_match_accuracy, generate_predictions,
                                   read_eval_records, reference_of, token_losses)
 from omnitune.infer import load_generation_processor, load_model, resolve_source
@@ -95,6 +97,9 @@ def test_evaluate_compares_base_and_writes_predictions_report_and_plots(lora_run
     assert "| wer |" in md and f"{eval_file}:5" in md and f"{eval_file}:6" in md and "samples/s" in md
     for png in ("scores.png", "training_curves.png"):  # training curves come from RUN/metrics.jsonl
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    console = Console(record=True, width=100)
+    console.print(scores_table(report))
+    assert "wer" in console.export_text() and "samples/s" in console.export_text()
 
 
 def test_free_task_reports_loss_and_perplexity(lora_run_dir, eval_file, tmp_path):

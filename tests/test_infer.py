@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
-from omnitune.infer import InferError, Inferencer, _Streamer, split_thinking
+from omnitune.infer import InferError, Inferencer, _Streamer, build_conversation, read_conversation, split_thinking
 from omnitune.model.tiny import build_offline_processor
 from test_infer_fixtures import lora_run_dir, media  # noqa: F401  (fixtures)
 
@@ -102,9 +104,23 @@ def test_a_conversation_must_end_with_a_user_turn(text_only):
         text_only.generate([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
 
 
+def test_missing_media_and_conversation_files_are_errors_a_user_can_act_on(text_only, media, tmp_path):
+    with pytest.raises(InferError, match="audio file not found: .*nope.wav"):
+        text_only.generate(build_conversation("hi", audio=["nope.wav"]), base_dir=media)
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps({"conversations": build_conversation("Hi", image=[str(media / "i.png")])}))
+    messages, base = read_conversation(conv)
+    assert base == tmp_path and messages[-1]["content"][0] == {"type": "image", "image": str(media / "i.png")}
+    assert text_only.generate(messages, max_new_tokens=2, base_dir=base).text
+    conv.write_text("{not json")
+    with pytest.raises(InferError, match="conv.json: cannot read"):
+        read_conversation(conv)
+
+
 def test_split_thinking_separates_thought_and_answer():
     assert split_thinking("<think>\nweigh it\n</think>\n\nIt is 4.") == ("weigh it", "It is 4.")
     assert split_thinking("plain answer") == (None, "plain answer")
+    assert split_thinking("<think>\nstill weighing") == ("still weighing", "")  # cut off: no answer yet
 
 
 @pytest.mark.parametrize("hide", [True, False])

@@ -183,6 +183,18 @@ def build_conversation(text: str | None = None, audio: list[str] = (), image: li
     return turns + [{"role": "user", "content": items}]
 
 
+def read_conversation(path: str | Path) -> tuple[list[dict[str, Any]], Path]:
+    """A conversation from a JSON file (a message list or a {"conversations": [...]} record) and the directory its
+    media paths are relative to."""
+    import json
+
+    path = Path(path)
+    try:
+        return as_messages(json.loads(path.read_text(encoding="utf-8"))), path.resolve().parent
+    except (OSError, json.JSONDecodeError) as e:
+        raise InferError(f"{path}: cannot read a conversation: {e}") from None
+
+
 def prompt_record(messages: list[dict[str, Any]], variant: str = "instruct",
                   base_dir: str | Path | None = None) -> Record:
     """Validate a conversation that ends with a user turn; media paths resolve against `base_dir` (default cwd).
@@ -353,9 +365,12 @@ class Inferencer:
         data = self.source.data
         if use_audio_in_video is not None:
             data = data.model_copy(update={"use_audio_in_video": use_audio_in_video})
-        record = prompt_record(as_messages(conversation), variant=self.source.variant, base_dir=base_dir)
-        inputs = to_device(collate_prompts([encode_prompt(self.processor, record, data)], self.pad_id),
-                           self.device, self.thinker.dtype)
+        try:
+            record = prompt_record(as_messages(conversation), variant=self.source.variant, base_dir=base_dir)
+            sample = encode_prompt(self.processor, record, data)
+        except RecordError as e:  # bad roles, missing or undecodable media: there is no file:line to point at
+            raise InferError(e.reason) from None
+        inputs = to_device(collate_prompts([sample], self.pad_id), self.device, self.thinker.dtype)
         streamer = (_Streamer(self.tokenizer, stream, hide_thinking=not show_thinking and
                               self.source.variant == "thinking") if stream else None)
         sampling = dict(do_sample=do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {}))

@@ -48,13 +48,35 @@ def predictions_json(report: "EvalReport") -> dict[str, Any]:
     }
 
 
+def scores_table(report: "EvalReport"):
+    """The headline scores as a rich Table (one column per model, plus the change), for the terminal."""
+    from rich.table import Table
+
+    labels = list(report.results)
+    table = Table(title=f"{report.task}: {len(report.records)} records"
+                  + (f", {len(report.bad)} left out" if report.bad else ""), show_edge=False)
+    table.add_column("metric")
+    for label in labels + (["change"] if len(labels) == 2 else []):
+        table.add_column(label, justify="right")
+    for k in _headline(report):
+        vals = [report.results[label].scores[k] for label in labels]
+        table.add_row(k, *map(_fmt, vals), *([f"{vals[1] - vals[0]:+.4f}"] if len(vals) == 2 else []))
+    table.add_row("samples/s", *(f"{report.results[label].samples_per_s:.2f}" for label in labels))
+    return table
+
+
+def _headline(report: "EvalReport") -> list[str]:
+    scores = next(iter(report.results.values())).scores
+    return [k for k in scores if not k.endswith("samples") and k != "tokens"]
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
 def markdown(report: "EvalReport", images: dict[str, str]) -> str:
     labels = list(report.results)
-    keys = [k for k in next(iter(report.results.values())).scores if not k.endswith("samples") and k != "tokens"]
+    keys = _headline(report)
     lines = [f"# Evaluation: {report.task}", "",
              f"- model: `{report.source}`", f"- eval file: `{report.eval_file}`",
              f"- records scored: {len(report.records)}; left out: {len(report.bad)}", ""]
@@ -130,7 +152,7 @@ def plot_scores(report: "EvalReport", png: Path) -> Path:
     """One bar group per metric, one bar per model (base before tuned)."""
     plt = _pyplot()
     labels = list(report.results)
-    keys = [k for k in next(iter(report.results.values())).scores if not k.endswith("samples") and k != "tokens"]
+    keys = _headline(report)
     fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(keys) + 2), 3.5), dpi=100)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
