@@ -213,6 +213,8 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
             assert K.enable_fast_lora_linear(model) == 4 * layers
         if "norms" not in off:
             K.enable_fused_norms(model)
+        if "rope" not in off:
+            K.enable_fused_rope()
     chunked_loss = impl == "ours" and "loss" not in off
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -325,7 +327,17 @@ def run_smoke() -> dict:
     b = swiglu_reference(gu.double())
     (gb,) = torch.autograd.grad((b * a.detach().double()).sum(), gu)
     res["swiglu_rel"] = [rel(a, b), rel(ga, gb.double())]
-    ok = all(v < 1e-2 for v in res["rms_norm_rel"] + res["swiglu_rel"])
+    from omnitune.kernels.fused_ops import _rope_reference, apply_rotary_pos_emb
+
+    q = torch.randn(1, 4096, 32, 128, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(1, 4, 4096, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = torch.randn(2, 1, 4096, 128, device=dev, dtype=torch.bfloat16).unbind(0)
+    qa, ka = apply_rotary_pos_emb(q, k, cos, sin)
+    ga = torch.autograd.grad((qa * qa.detach()).sum() + (ka * ka.detach()).sum(), (q, k))
+    qb, kb = _rope_reference(q.double(), k.double(), cos.double(), sin.double())
+    gb = torch.autograd.grad((qb * qa.detach().double()).sum() + (kb * ka.detach().double()).sum(), (q, k))
+    res["rope_rel"] = [rel(qa, qb), rel(ka, kb)] + [rel(u, v.double()) for u, v in zip(ga, gb)]
+    ok = all(v < 1e-2 for v in res["rms_norm_rel"] + res["swiglu_rel"] + res["rope_rel"])
     ok = ok and res["fwd_rel"] < 2e-2 and all(v < 3e-2 for v in res["grad_rel"].values()) and res["unused_expert_grads_zero"]
     ok = ok and res["all_finite"] and res["loss_rel"] < 1e-2 and all(v < 2e-2 for v in res["loss_grad_rel"])
     res["ok"] = bool(ok)

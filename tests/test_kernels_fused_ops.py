@@ -4,7 +4,9 @@ from test_kernels_peft import batch, tiny_thinker
 
 from omnitune.kernels.fused_ops import (
     disable_fused_norms,
+    disable_fused_rope,
     enable_fused_norms,
+    enable_fused_rope,
     rms_norm,
     swiglu,
     swiglu_reference,
@@ -36,3 +38,20 @@ def test_enable_fused_norms_swaps_every_thinker_norm_and_keeps_logits():
         assert n >= 4 * 2 + 1  # per layer: input, post-attention, q_norm, k_norm; plus the final norm
         assert torch.equal(model(**inputs).logits, ref)
         assert disable_fused_norms(model) == n
+
+
+def test_fused_rope_patch_keeps_logits_and_is_reversible():
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    original = modeling.apply_rotary_pos_emb
+    model = tiny_thinker("omnitune")
+    inputs = batch()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        enable_fused_rope()
+        try:
+            assert modeling.apply_rotary_pos_emb is not original
+            assert torch.equal(model(**inputs).logits, ref)
+        finally:
+            disable_fused_rope()
+    assert modeling.apply_rotary_pos_emb is original

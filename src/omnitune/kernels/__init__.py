@@ -6,7 +6,7 @@
 - `fused_ops`: `enable_fused_norms(model)`: RMSNorm (and the experts' SwiGLU) as fused compiled kernels on CUDA.
 - `loss`: chunked linear + cross-entropy returning per-token losses without holding [N, V] logits.
 """
-from .fused_ops import disable_fused_norms, enable_fused_norms
+from .fused_ops import disable_fused_norms, disable_fused_rope, enable_fused_norms, enable_fused_rope
 from .loss import chunked_linear_cross_entropy, reference_linear_cross_entropy
 from .moe_experts import (
     moe_experts_forward,
@@ -66,5 +66,7 @@ __all__ = [
     "enable_fast_lora_linear",
     "enable_fused_norms",
     "disable_fused_norms",
+    "enable_fused_rope",
+    "disable_fused_rope",
     "disable_fast_expert_lora",
 ]

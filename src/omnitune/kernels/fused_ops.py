@@ -5,7 +5,9 @@ four norms per layer (input, post-attention, q_norm, k_norm), run again in the c
 as much as the attention itself. Compiled, each is one pass forward and one backward. The math is the plain
 PyTorch below (also the CPU path and the reference): compilation only fuses it.
 `enable_fused_norms(model)` swaps the forward of every `*RMSNorm` module with `weight` + `variance_epsilon`;
-`disable_fused_norms(model)` restores them.
+`disable_fused_norms(model)` restores them. `enable_fused_rope()` does the same for the rotary embedding that the
+Qwen3-Omni attention calls (~14 small ops each way per layer, one fused kernel compiled); it replaces the
+module-level function of transformers' qwen3_omni_moe modeling file, so it is process-wide (`disable_fused_rope`).
 """
 from __future__ import annotations
 
@@ -77,3 +79,42 @@ def disable_fused_norms(model: torch.nn.Module) -> int:
         del m.forward
         delattr(m, _FLAG)
     return len(restored)
+
+
+# ------------------------------------------------------------------------------------------------- rotary
+def _rope_reference(q, k, cos, sin, unsqueeze_dim=1):
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import rotate_half
+
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb (same math), one fused kernel each way on CUDA."""
+    if q.is_cuda:
+        return _compiled_fn("rope", _rope_reference)(q, k, cos, sin, unsqueeze_dim)
+    return _rope_reference(q, k, cos, sin, unsqueeze_dim)
+
+
+_original_rope = None
+
+
+def enable_fused_rope() -> None:
+    """Make the qwen3_omni_moe attention layers (all models in this process) use the fused rotary embedding."""
+    global _original_rope
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    if _original_rope is None:
+        _original_rope = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def disable_fused_rope() -> None:
+    """Restore transformers' own rotary embedding function."""
+    global _original_rope
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    if _original_rope is not None:
+        modeling.apply_rotary_pos_emb = _original_rope
+        _original_rope = None

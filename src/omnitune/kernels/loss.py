@@ -35,8 +35,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
             target_logit[start:end] = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
             if early_grad:
                 grad_logits = _softmax_minus_onehot_(logits, lse[start:end], safe_labels[start:end])
-                grad_logits.mul_(valid[start:end, None])
-                grad_hidden_unit[start:end] = grad_logits.to(hidden.dtype) @ weight
+                # ignored tokens: zero their [c, H] rows after the GEMM, not their [c, V] rows before it
+                grad_hidden_unit[start:end] = (grad_logits.to(hidden.dtype) @ weight) * valid[start:end, None]
         loss = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
         if early_grad:
             ctx.save_for_backward(grad_hidden_unit)
