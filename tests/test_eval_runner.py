@@ -99,7 +99,8 @@ def test_evaluate_compares_base_and_writes_predictions_report_and_plots(lora_run
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     console = Console(record=True, width=100)
     console.print(scores_table(report))
-    assert "wer" in console.export_text() and "samples/s" in console.export_text()
+    text = console.export_text()
+    assert "wer" in text and "samples/s" in text and "2 left out" in text
 
 
 def test_free_task_reports_loss_and_perplexity(lora_run_dir, eval_file, tmp_path):
