@@ -27,12 +27,18 @@ def test_prepare_a_preset_from_any_directory_with_show_and_dump(train_file, tmp_
     assert any(t != -100 for t in rows[0]["labels"])
 
 
-def test_train_a_preset_with_overrides_writes_a_run_directory(train_file, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(scope="module")
+def thinking_run(train_file, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cwd")
     res = runner.invoke(app, ["train", "demo", "--set", f"data.train={train_file}", "--set", "train.max_steps=2",
-                              "--set", "data.workers=1", "--set", "model.variant=thinking"])
+                              "--set", "data.workers=1", "--set", "model.variant=thinking",
+                              "--set", f"output_dir={cwd / 'runs' / 'demo'}"])
     assert res.exit_code == 0, res.output
-    run = tmp_path / "runs" / "demo"
+    return cwd / "runs" / "demo"
+
+
+def test_train_a_preset_with_overrides_writes_a_run_directory(thinking_run):
+    run = thinking_run
     assert (run / "adapter" / "adapter_config.json").exists()
     assert "<think>" in (run / "processor" / "chat_template.jinja").read_text()
     assert "variant: thinking" in (run / "recipe.yaml").read_text()
@@ -49,3 +55,24 @@ def test_missing_training_data_is_a_clear_error(tmp_path, monkeypatch):
     res = runner.invoke(app, ["prepare", "demo"])
     assert res.exit_code == 1
     assert "data.train is not set" in res.output
+
+
+def test_eval_infer_and_export_read_the_run_directory(thinking_run, train_file, tmp_path):
+    res = runner.invoke(app, ["eval", str(thinking_run), "--data", str(train_file), "--task", "qa",
+                              "--compare", "base", "--limit", "2", "--max-new-tokens", "4",
+                              "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ev" / "report.md").exists() and (tmp_path / "ev" / "predictions.json").exists()
+    res = runner.invoke(app, ["infer", str(thinking_run), "--text", "Say a colour.", "--no-speech",
+                              "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(thinking_run), str(tmp_path / "exported"), "--thinker-only"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "exported" / "config.json").exists()
+    assert not list((tmp_path / "exported").glob("*.bin"))
+
+
+def test_infer_with_nothing_to_answer_is_a_clear_error(thinking_run):
+    res = runner.invoke(app, ["infer", str(thinking_run), "--no-speech"])
+    assert res.exit_code == 1
+    assert "nothing to answer" in res.output

@@ -57,6 +57,80 @@ def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
         _fail(e)
 
 
+@app.command("eval")
+def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or preset) or checkpoint"),
+          data: Optional[Path] = typer.Option(None, "--data", help="eval JSONL (default: the recipe's data.eval)"),
+          task: str = typer.Option("free", help="asr | caption | mcq | qa | free"),
+          adapter: Optional[Path] = typer.Option(None, help="a run directory or adapter dir to apply"),
+          compare: Optional[str] = typer.Option(None, "--compare", help="'base': score the base model too"),
+          batch_size: int = typer.Option(8), max_new_tokens: int = typer.Option(256),
+          limit: Optional[int] = typer.Option(None, help="score only the first N records"),
+          on_error: Optional[str] = typer.Option(None, help="fail | skip (default: the recipe's data.on_error)"),
+          out: Optional[Path] = typer.Option(None, help="report directory (default: RUN/eval/<task>-<file>)")):
+    """Score generations on an eval set (WER/CER, captions, MCQ, QA, loss); base vs tuned with --compare base."""
+    from omnitune.eval.runner import evaluate
+    if compare not in (None, "base"):
+        _fail(ValueError(f"--compare takes 'base', not {compare!r}"))
+    try:
+        report = evaluate(source, data, task, adapter=adapter, compare_base=compare == "base",
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out, limit=limit,
+                          on_error=on_error)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(e)
+    for name, path in (report.files or {}).items():
+        console.print(f"{name}: {path}")
+
+
+@app.command()
+def infer(source: str = typer.Argument(..., help="run directory, recipe (file or preset) or checkpoint"),
+          text: Optional[str] = typer.Option(None, "--text", "-t", help="the user's message"),
+          audio: Optional[list[Path]] = typer.Option(None, "--audio"),
+          image: Optional[list[Path]] = typer.Option(None, "--image"),
+          video: Optional[list[Path]] = typer.Option(None, "--video"),
+          system: Optional[str] = typer.Option(None, help="system prompt"),
+          conversation: Optional[Path] = typer.Option(None, help="a JSON conversation instead of the above"),
+          adapter: Optional[Path] = typer.Option(None, help="a run directory or adapter dir to apply"),
+          speech: bool = typer.Option(True, "--speech/--no-speech", help="speak the answer (Instruct)"),
+          speaker: Optional[str] = typer.Option(None, help="Ethan, Chelsie, Aiden, or any the checkpoint has"),
+          wav: Path = typer.Option(Path("reply.wav"), help="where the spoken answer is written"),
+          show_thinking: bool = typer.Option(False, help="Thinking variant: print the thought too"),
+          use_audio_in_video: Optional[bool] = typer.Option(None, "--use-audio-in-video/--no-audio-in-video"),
+          max_new_tokens: int = typer.Option(512)):
+    """Answer one conversation: text streamed to the terminal, speech written as a 24 kHz wav."""
+    from omnitune.infer import Inferencer, build_conversation, read_conversation
+    try:
+        if conversation is not None:
+            turns, base = read_conversation(conversation)
+        else:
+            turns, base = build_conversation(text, audio or [], image or [], video or [], system), None
+        inf = Inferencer(source, adapter=adapter, speech=speech)
+        out = inf.generate(turns, speaker=speaker, stream=lambda piece: print(piece, end="", flush=True),
+                           show_thinking=show_thinking, max_new_tokens=max_new_tokens,
+                           use_audio_in_video=use_audio_in_video, base_dir=base)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(e)
+    print()
+    if out.audio is not None:
+        console.print(f"speech: {out.save_wav(wav)} ({len(out.audio) / out.sample_rate:.1f} s)")
+
+
+@app.command()
+def export(run_dir: str = typer.Argument(..., help="run directory (or a recipe/checkpoint with --adapter)"),
+           out_dir: Path = typer.Argument(..., help="where the merged checkpoint is written"),
+           thinker_only: bool = typer.Option(False, help="only the Thinker, for text serving"),
+           adapter: Optional[Path] = typer.Option(None), shard_size: str = typer.Option("5GB"),
+           dtype: Optional[str] = typer.Option(None, help="default: the recipe's model.dtype"),
+           overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists")):
+    """Merge LoRA and write a complete Qwen3-Omni checkpoint in the Hub layout (sharded safetensors)."""
+    from omnitune.export import export_run
+    try:
+        res = export_run(run_dir, out_dir, thinker_only=thinker_only, shard_size=shard_size, adapter=adapter,
+                         dtype=dtype, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        _fail(e)
+    console.print(f"[green]exported[/] {res.n_tensors} tensors in {res.n_shards} shard(s) -> {res.out_dir}")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="where the demo writes data and its run"),
          seed: int = typer.Option(0)):
