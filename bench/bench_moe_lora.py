@@ -248,6 +248,8 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     ms = statistics.median(times)
     return dict(part="model", impl="~".join([impl, *off]), seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
                 peak_gib=peak_gib(), build_s=build_s, host_syncs_per_step=syncs,
+                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries") if DEVICE == "cuda" else None,
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                 trainable_params=sum(p.numel() for p in params), times_ms=times)
 
 
