@@ -187,7 +187,7 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- whole Thinker
-def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int = 4) -> dict:
+def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int = 6) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
