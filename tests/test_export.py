@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoProcessor, Qwen3OmniMoeForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, Qwen3OmniMoeForConditionalGeneration
 
 from omnitune.export import ExportError, export_run, tensor_layout
 from omnitune.infer import InferError, Inferencer, collate_prompts, encode_prompt, prompt_record
@@ -133,3 +136,51 @@ def test_inferencer_serves_an_export_like_the_run_it_came_from(lora_run_dir, med
     conv = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "Hm?"}]}]
     want = Inferencer(lora_run_dir, speech=False).generate(conv, max_new_tokens=6, base_dir=media).text
     assert Inferencer(tmp_path / "full", speech=False).generate(conv, max_new_tokens=6, base_dir=media).text == want
+
+
+def test_config_also_carries_the_keys_transformers_4_reads(lora_run_dir, tmp_path):
+    out = tmp_path / "export"
+    export_run(lora_run_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    text = config["thinker_config"]["text_config"]
+    assert text["rope_scaling"] == {k: v for k, v in text["rope_parameters"].items() if k != "rope_theta"}
+    assert text["rope_theta"] == text["rope_parameters"]["rope_theta"] and text["torch_dtype"] == text["dtype"]
+    talker = config["talker_config"]["text_config"]
+    assert talker["num_experts"] == talker["num_local_experts"] and talker["rope_scaling"]["mrope_section"]
+    # transformers 5 reads the doubled keys back to the base checkpoint's config
+    exported, base = (AutoConfig.from_pretrained(str(p)).to_dict() for p in (out, tiny_checkpoint()))
+    assert _without(exported, {"_name_or_path", "dtype"}) == _without(base, {"_name_or_path", "dtype"})
+
+
+def _without(d, keys):
+    return {k: _without(v, keys) if isinstance(v, dict) else v for k, v in d.items() if k not in keys}
+
+
+_CHECK_457 = """
+import sys, torch, transformers
+from transformers import Qwen3OmniMoeForConditionalGeneration
+assert transformers.__version__.startswith("4.57"), transformers.__version__
+ref = torch.load(sys.argv[2])
+model, info = Qwen3OmniMoeForConditionalGeneration.from_pretrained(sys.argv[1], torch_dtype=torch.float32,
+                                                                   output_loading_info=True)
+assert not any(info.values()), info
+with torch.no_grad():
+    got = model.thinker(**ref["inputs"]).logits
+print((got - ref["logits"]).abs().max().item())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("OMNITUNE_TRANSFORMERS_457"),
+                    reason="set OMNITUNE_TRANSFORMERS_457 to a dir with transformers 4.57 (pip install --target)")
+def test_transformers_4_57_loads_the_export_with_the_same_logits(lora_run_dir, media, tmp_path):
+    """The release's transformers (and vLLM 0.11-0.12 / vLLM-Omni built on it) must read what we write."""
+    out = tmp_path / "export"
+    export_run(lora_run_dir, out)
+    batch = _inputs(lora_run_dir, media)
+    torch.save({"inputs": dict(batch), "logits": _exported_logits(out, batch, False)}, tmp_path / "ref.pt")
+    env = {**os.environ, "PYTHONPATH": os.environ["OMNITUNE_TRANSFORMERS_457"]}
+    res = subprocess.run([sys.executable, "-c", _CHECK_457, str(out), str(tmp_path / "ref.pt")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-4

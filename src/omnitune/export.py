@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
@@ -68,6 +69,7 @@ def export_run(run_dir: str | Path | Recipe, out_dir: str | Path, thinker_only: 
         model.generation_config = _generation_config(model, processor.tokenizer)
         model.save_pretrained(str(tmp), max_shard_size=shard_size, safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        add_legacy_config_keys(tmp / "config.json")
         result = verify_export(tmp, thinker_only=thinker_only)
         _replace_dir(tmp, out)
     except BaseException:
@@ -111,6 +113,34 @@ def _generation_config(model, tokenizer) -> GenerationConfig:
     gen.eos_token_id = im_end
     gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else im_end
     return gen
+
+
+def add_legacy_config_keys(config_file: Path) -> None:
+    """Also write the config keys transformers 4.x reads, next to the 5.x ones.
+
+    transformers 5 writes `rope_parameters`, `dtype` and (Talker) `num_local_experts`; the release, and loaders
+    built on transformers 4.57 (vLLM 0.11-0.12, vLLM-Omni, whose Talker reads `rope_scaling` and `rope_theta`),
+    use `rope_scaling` + `rope_theta`, `torch_dtype` and `num_experts`. Without them transformers 4.57 fails to
+    build the model (`config.rope_scaling` is None), or builds a 128-expert Talker. transformers 5 reads both
+    spellings to the same config (tests/test_export.py checks both versions where 4.57 is installed).
+    """
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            rope = node.get("rope_parameters")
+            if isinstance(rope, dict):
+                node.setdefault("rope_theta", rope.get("rope_theta"))
+                scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+                node.setdefault("rope_scaling", scaling if set(scaling) - {"rope_type"} else None)
+            if "dtype" in node:
+                node.setdefault("torch_dtype", node["dtype"])
+            if "num_local_experts" in node:  # 5.x's name in the Talker's text config; 4.57 reads num_experts
+                node.setdefault("num_experts", node["num_local_experts"])
+            for value in node.values():
+                walk(value)
+
+    config = json.loads(config_file.read_text())
+    walk(config)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def verify_export(out: Path, thinker_only: bool) -> dict[str, int]:
