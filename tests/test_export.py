@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoConfig, AutoProcessor, Qwen3OmniMoeForConditionalGeneration
@@ -138,7 +139,7 @@ def test_inferencer_serves_an_export_like_the_run_it_came_from(lora_run_dir, med
     assert Inferencer(tmp_path / "full", speech=False).generate(conv, max_new_tokens=6, base_dir=media).text == want
 
 
-def test_config_also_carries_the_keys_transformers_4_reads(lora_run_dir, tmp_path):
+def test_config_and_processor_also_carry_what_transformers_4_reads(lora_run_dir, tmp_path):
     out = tmp_path / "export"
     export_run(lora_run_dir, out)
     config = json.loads((out / "config.json").read_text())
@@ -147,6 +148,11 @@ def test_config_also_carries_the_keys_transformers_4_reads(lora_run_dir, tmp_pat
     assert text["rope_theta"] == text["rope_parameters"]["rope_theta"] and text["torch_dtype"] == text["dtype"]
     talker = config["talker_config"]["text_config"]
     assert talker["num_experts"] == talker["num_local_experts"] and talker["rope_scaling"]["mrope_section"]
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok["extra_special_tokens"]["image_token"] == "<|image_pad|>"
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["feature_extractor_type"] == "WhisperFeatureExtractor" and pre["patch_size"] == 16
+    assert json.loads((out / "video_preprocessor_config.json").read_text())["temporal_patch_size"] == 2
     # transformers 5 reads the doubled keys back to the base checkpoint's config
     exported, base = (AutoConfig.from_pretrained(str(p)).to_dict() for p in (out, tiny_checkpoint()))
     assert _without(exported, {"_name_or_path", "dtype"}) == _without(base, {"_name_or_path", "dtype"})
@@ -158,9 +164,15 @@ def _without(d, keys):
 
 _CHECK_457 = """
 import sys, torch, transformers
-from transformers import Qwen3OmniMoeForConditionalGeneration
+from transformers import AutoProcessor, Qwen3OmniMoeForConditionalGeneration
 assert transformers.__version__.startswith("4.57"), transformers.__version__
 ref = torch.load(sys.argv[2])
+proc = AutoProcessor.from_pretrained(sys.argv[1])
+from PIL import Image
+image = Image.open(ref["image"]).convert("RGB")
+out = proc(text=[ref["text"]], audio=[ref["wav"].numpy()], images=[image], return_tensors="pt")
+for key in ("input_ids", "input_features", "pixel_values", "image_grid_thw"):
+    assert torch.equal(out[key], ref["processed"][key]), key
 model, info = Qwen3OmniMoeForConditionalGeneration.from_pretrained(sys.argv[1], torch_dtype=torch.float32,
                                                                    output_loading_info=True)
 assert not any(info.values()), info
@@ -178,7 +190,13 @@ def test_transformers_4_57_loads_the_export_with_the_same_logits(lora_run_dir, m
     out = tmp_path / "export"
     export_run(lora_run_dir, out)
     batch = _inputs(lora_run_dir, media)
-    torch.save({"inputs": dict(batch), "logits": _exported_logits(out, batch, False)}, tmp_path / "ref.pt")
+    proc = AutoProcessor.from_pretrained(str(out))
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "audio"}, {"type": "image"}]}],
+                                    tokenize=False, add_generation_prompt=True)
+    wav, image = torch.sin(torch.arange(20800) / 9.0), Image.open(media / "i.png").convert("RGB")
+    processed = dict(proc(text=[text], audio=[wav.numpy()], images=[image], return_tensors="pt"))
+    torch.save({"inputs": dict(batch), "logits": _exported_logits(out, batch, False), "text": text, "wav": wav,
+                "image": str(media / "i.png"), "processed": processed}, tmp_path / "ref.pt")
     env = {**os.environ, "PYTHONPATH": os.environ["OMNITUNE_TRANSFORMERS_457"]}
     res = subprocess.run([sys.executable, "-c", _CHECK_457, str(out), str(tmp_path / "ref.pt")], env=env,
                          capture_output=True, text=True, timeout=120)

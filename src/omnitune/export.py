@@ -70,6 +70,7 @@ def export_run(run_dir: str | Path | Recipe, out_dir: str | Path, thinker_only: 
         model.save_pretrained(str(tmp), max_shard_size=shard_size, safe_serialization=True)
         processor.save_pretrained(str(tmp))
         add_legacy_config_keys(tmp / "config.json")
+        add_legacy_processor_files(tmp)
         result = verify_export(tmp, thinker_only=thinker_only)
         _replace_dir(tmp, out)
     except BaseException:
@@ -141,6 +142,31 @@ def add_legacy_config_keys(config_file: Path) -> None:
     config = json.loads(config_file.read_text())
     walk(config)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def add_legacy_processor_files(out: Path) -> None:
+    """Also write the processor files transformers 4.57 reads (vLLM 0.11-0.12 builds its processor with it).
+
+    transformers 5 nests every sub-processor in processor_config.json and keeps the named media tokens under
+    `model_specific_special_tokens`; 4.57 reads preprocessor_config.json (feature extractor + image processor),
+    video_preprocessor_config.json and `extra_special_tokens`, and without them fails on `tokenizer.image_token`.
+    """
+    proc_file, tok_file = out / "processor_config.json", out / "tokenizer_config.json"
+    proc = json.loads(proc_file.read_text()) if proc_file.exists() else {}
+    cls = proc.get("processor_class")
+    fe, ip = proc.get("feature_extractor", {}), proc.get("image_processor", {})
+    clash = {k for k in set(fe) & set(ip) if fe[k] != ip[k]}
+    if clash:
+        raise ExportError(f"feature extractor and image processor disagree on {sorted(clash)}: "
+                          "cannot write a 4.x preprocessor_config.json")
+    legacy = {"preprocessor_config.json": {**fe, **ip}, "video_preprocessor_config.json": proc.get("video_processor")}
+    for name, body in legacy.items():
+        if body and not (out / name).exists():
+            (out / name).write_text(json.dumps({**body, "processor_class": cls}, indent=2, sort_keys=True) + "\n")
+    tok = json.loads(tok_file.read_text())
+    if "model_specific_special_tokens" in tok and "extra_special_tokens" not in tok:
+        tok["extra_special_tokens"] = tok["model_specific_special_tokens"]
+        tok_file.write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")
 
 
 def verify_export(out: Path, thinker_only: bool) -> dict[str, int]:
