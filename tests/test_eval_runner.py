@@ -126,3 +126,12 @@ def test_unknown_task_and_compare_without_weights_are_errors(lora_run_dir, eval_
         evaluate(lora_run_dir, eval_file, "bleu")
     with pytest.raises(EvalError, match="no trained weights"):
         evaluate("demo", eval_file, "qa", compare_base=True)
+
+
+def test_the_recipes_eval_file_is_used_relative_to_the_recipe(lora_run_dir, eval_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((lora_run_dir / "recipe.yaml").read_text().replace("eval: null", "eval: data/eval.jsonl"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "eval.jsonl").write_text(eval_file.read_text().splitlines()[1] + "\n")
+    report = evaluate(recipe, None, "qa", adapter=lora_run_dir, max_new_tokens=2, write=False)
+    assert report.eval_file == tmp_path / "data" / "eval.jsonl" and len(report.records) == 1

@@ -6,8 +6,10 @@ Built once per test session (cached on disk in a temp dir), from the real tiny m
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from omnitune.recipe import load_recipe
 from omnitune.run_dir import RunDir
 
 _ROOT = Path(tempfile.mkdtemp(prefix="omnitune-test-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -99,7 +99,10 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
         if (run_proc / "tokenizer_config.json").exists():
             processor_dir = run_proc
     model = recipe.model.model_copy(update={k: v for k, v in (("dtype", dtype), ("variant", variant)) if v})
-    return Source(model=model, data=recipe.data, weights=weights, processor_dir=processor_dir, label=label)
+    # Data paths in a recipe are relative to its file: make them absolute while the recipe still knows where.
+    data = recipe.data.model_copy(update={k: str(recipe.resolve(getattr(recipe.data, k)))
+                                          for k in ("train", "eval") if getattr(recipe.data, k)})
+    return Source(model=model, data=data, weights=weights, processor_dir=processor_dir, label=label)
 
 
 def load_generation_processor(src: Source):

@@ -253,6 +253,8 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
         render_bad = render_bad or errors  # the same records fail for every model
         del model
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     bad += render_bad
 
     kept = {(r.file, r.line) for r in records} - {(e.file, e.line) for e in bad}
