@@ -12,6 +12,7 @@ Thinker is loaded, so no Talker memory is spent.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -189,8 +190,6 @@ def build_conversation(text: str | None = None, audio: list[str] = (), image: li
 def read_conversation(path: str | Path) -> tuple[list[dict[str, Any]], Path]:
     """A conversation from a JSON file (a message list or a {"conversations": [...]} record) and the directory its
     media paths are relative to."""
-    import json
-
     path = Path(path)
     try:
         return as_messages(json.loads(path.read_text(encoding="utf-8"))), path.resolve().parent
@@ -245,6 +244,7 @@ def collate_prompts(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to `device`; media features also to the model's dtype (the processor gives float32)."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
