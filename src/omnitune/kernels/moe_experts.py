@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from transformers.integrations.moe import _default_apply_gate
 
 from .fused_ops import swiglu
 from .grouped_gemm import grouped_mm
@@ -112,8 +113,6 @@ def grouped_linear(
 
 
 def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    from transformers.integrations.moe import _default_apply_gate
-
     if type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation") and getattr(
         type(experts), "_apply_gate", _default_apply_gate
     ) is _default_apply_gate:
