@@ -31,9 +31,10 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_token_losses_match_full_cross_entropy_and_skip_masked_positions():
+@pytest.mark.parametrize("bias", [False, True], ids=["fused-kernel", "module-chunks"])
+def test_token_losses_match_full_cross_entropy_and_skip_masked_positions(bias):
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 50, bias=False)
+    head = torch.nn.Linear(8, 50, bias=bias)
     hidden = torch.randn(2, 7, 8, requires_grad=True)
     labels = torch.randint(0, 50, (2, 7))
     labels[0, :3] = -100

@@ -90,7 +90,7 @@ def _one_inference(run_dir: Path, eval_file: Path, console: Console) -> str:
 
 
 def _print_table(res: DemoResult, steps: int, console: Console) -> None:
-    table = Table(title=f"omnitune demo: {steps} steps in {res.seconds:.0f} s", show_edge=False)
+    table = Table(title=f"demo: {steps} steps, {res.seconds:.0f} s", show_edge=False)
     table.add_column("held-out")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")

@@ -35,7 +35,8 @@ class ModelConfig(_Section):
     variant: Variant = "instruct"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    experts: str = Field("grouped_mm", description="experts implementation: grouped_mm, eager, or a registered one")
+    experts: str = Field("omnitune", description="experts implementation: omnitune (grouped GEMMs + fused expert "
+                         "LoRA, kernels/), grouped_mm (transformers), eager")
     thinker_only: bool = Field(True, description="load only the Thinker: training text output needs no Talker")
 
 

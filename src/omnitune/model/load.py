@@ -47,6 +47,8 @@ def _from_pretrained(cls, path: str, **kwargs):
 
 
 def _model_kwargs(cfg: ModelConfig) -> dict:
+    if cfg.experts == "omnitune":
+        import omnitune.kernels  # noqa: F401  (registers the "omnitune" experts implementation)
     if cfg.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelLoadError("model.attention=flash_attention_2 needs the flash-attn package; use sdpa or install it")
     return dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attention, experts_implementation=cfg.experts)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from omnitune.kernels.loss import chunked_linear_cross_entropy
+
 IGNORE = -100
 
 
@@ -24,19 +26,26 @@ def _chunk_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> to
 
 
 def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Per-token CE of next-token prediction: hidden [B, L, H], labels [B, L] -> losses [B, L-1] (0 where masked)."""
+    """Per-token CE of next-token prediction: hidden [B, L, H], labels [B, L] -> losses [B, L-1] (0 where masked).
+
+    A plain nn.Linear head goes through the fused chunked kernel (kernels/loss.py: one pass over the vocabulary
+    when the head is frozen); an adapted head (LoRA, modules_to_save) runs as a module, chunk by chunk."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
     keep = (y != IGNORE).nonzero(as_tuple=True)[0]  # only trained positions reach the vocab projection
     out = torch.zeros(y.shape, dtype=torch.float32, device=h.device)
     if keep.numel():
         hk, yk = h.index_select(0, keep), y.index_select(0, keep)
-        parts = []
-        for s in range(0, hk.shape[0], chunk):
-            args = (head, hk[s:s + chunk], yk[s:s + chunk])
-            parts.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else _chunk_ce(*args))
-        out = out.index_put((keep,), torch.cat(parts))
+        if type(head) is nn.Linear and head.bias is None:
+            losses = chunked_linear_cross_entropy(hk, head.weight, yk, chunk_size=chunk)
+        else:
+            parts = []
+            for s in range(0, hk.shape[0], chunk):
+                args = (head, hk[s:s + chunk], yk[s:s + chunk])
+                parts.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled()
+                             else _chunk_ce(*args))
+            losses = torch.cat(parts)
+        out = out.index_put((keep,), losses)
     return out.view(labels.shape[0], -1)
 
 

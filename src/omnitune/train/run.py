@@ -88,6 +88,21 @@ def print_summary(model: torch.nn.Module, console: Console) -> None:
     console.print(table)
 
 
+def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) -> None:
+    """With `model.experts: omnitune`: expert and linear LoRA through the fused paths (kernels/), reading PEFT's own
+    adapter tensors; on CUDA also the compiled RMSNorm/SwiGLU/RoPE."""
+    if recipe.model.experts != "omnitune":
+        return
+    from omnitune import kernels
+
+    if recipe.adapter.method == "lora":
+        counts = kernels.enable_fast_lora(model)
+        console.print(f"fast LoRA paths: {counts}")
+    if torch.cuda.is_available():
+        kernels.enable_fused_norms(model)
+        kernels.enable_fused_rope()
+
+
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> TrainResult:
     """Train as the recipe says; with `resume`, continue from the newest checkpoint of the same run."""
     from omnitune.data.cache import load_or_prepare
@@ -109,6 +124,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run
     thinker = load_thinker(recipe.model)
     model = apply_adapters(thinker, recipe.adapter)
+    enable_fast_paths(model, recipe, console)
     print_summary(model, console)
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None)
