@@ -120,3 +120,20 @@ def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_trust(demo_
     assert names == []
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(small_recipe(demo_data, tmp_path / "run"), resume=True)
+
+
+def test_distributed_strategies_map_onto_trainer_arguments(demo_data, tmp_path):
+    from omnitune.train.run import distributed_arguments
+
+    assert distributed_arguments(small_recipe(demo_data, tmp_path)) == {}
+    fsdp = distributed_arguments(small_recipe(demo_data, tmp_path, "distributed.strategy=fsdp"))
+    assert fsdp["fsdp"] == "full_shard auto_wrap"
+    assert "Qwen3OmniMoeThinkerTextDecoderLayer" in fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"]
+    import importlib.util
+
+    ds_recipe = small_recipe(demo_data, tmp_path, "distributed.strategy=deepspeed", "distributed.zero_stage=3")
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ValueError, match="pip install deepspeed"):
+            distributed_arguments(ds_recipe)
+    else:
+        assert distributed_arguments(ds_recipe)["deepspeed"]["zero_optimization"]["stage"] == 3
