@@ -27,7 +27,7 @@ from typing import Any
 from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
 from omnitune.infer import Source, apply_weights, load_generation_processor, resolve_source
-from omnitune.model.load import _model_kwargs, load_thinker, resolve_model_path
+from omnitune.model.load import load_thinker, model_kwargs, resolve_model_path
 from omnitune.recipe import Recipe
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -84,7 +84,7 @@ def build_merged(src: Source, thinker_only: bool) -> Qwen3OmniMoeForConditionalG
     """The top-level model (Talker + Code2Wav from the base unless thinker_only) with the trained Thinker in it."""
     cfg = src.model
     path = resolve_model_path(cfg.path)
-    kwargs = _model_kwargs(cfg)  # as training loaded it (registers custom experts implementations)
+    kwargs = model_kwargs(cfg)  # as training loaded it (registers custom experts implementations)
     if thinker_only:
         kwargs["enable_audio_output"] = False
     try:

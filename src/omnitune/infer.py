@@ -125,7 +125,7 @@ def apply_weights(thinker: torch.nn.Module, src: Source, merge: bool) -> torch.n
     return peft.merge_and_unload() if merge else peft
 
 
-def load_model(src: Source, speech: bool, merge: bool = True) -> torch.nn.Module:
+def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | dict | None = None) -> torch.nn.Module:
     """The Thinker (speech off) or the full model (speech on), with the source's trained weights applied.
 
     LoRA is merged by default (generation then runs at base speed); a full fine-tune's Thinker replaces the base
@@ -134,15 +134,15 @@ def load_model(src: Source, speech: bool, merge: bool = True) -> torch.nn.Module
     weights = src.weights
     if not speech:
         path = str(weights[1]) if weights and weights[0] == "model" else None
-        thinker = load_thinker(src.model, path)
+        thinker = load_thinker(src.model, path, device_map=device_map)
         return (apply_weights(thinker, src, merge) if weights else thinker).eval()
-    full = load_full(src.model)
+    full = load_full(src.model, device_map=device_map)
     if not getattr(full, "has_talker", False):
         raise InferError(f"{src.model.path} has no Talker (enable_audio_output is off, e.g. a Thinking or "
                          "thinker-only checkpoint): generate with speech=False (--no-speech)")
     if weights and weights[0] == "model":
         del full.thinker  # free the base Thinker before loading the fine-tuned one
-        full.thinker = load_thinker(src.model, str(weights[1]))
+        full.thinker = load_thinker(src.model, str(weights[1]), device_map=device_map)
     elif weights:
         full.thinker = apply_weights(full.thinker, src, merge=True)
     # The Talker reuses the Thinker's rope-index code, which reads audio_config.n_window: without this,
@@ -201,15 +201,11 @@ def prompt_record(messages: list[dict[str, Any]], variant: str = "instruct",
                   base_dir: str | Path | None = None) -> Record:
     """Validate a conversation that ends with a user turn; media paths resolve against `base_dir` (default cwd).
 
-    schema.validate_record wants a final answer (it validates training data), so a placeholder one is
-    validated and dropped.
     """
     if not messages or messages[-1].get("role") != "user":
         raise InferError("the conversation to answer must end with a user turn")
     where = Path(base_dir or Path.cwd()) / "<conversation>"
-    rec = validate_record({"conversations": messages + [{"role": "assistant", "content": "."}]}, where, 0, variant)
-    rec.messages.pop()
-    return rec
+    return validate_record({"conversations": messages}, where, 0, variant, require_answer=False)
 
 
 def encode_prompt(processor, record: Record, data: DataConfig) -> dict[str, Any]:
@@ -328,8 +324,10 @@ class Inferencer:
             speech = self.source.variant != "thinking" and has_talker(self.source.model.path)
         self.processor = load_generation_processor(self.source)
         self.tokenizer = self.processor.tokenizer
-        self.model = load_model(self.source, speech=speech, merge=merge)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Load straight onto the GPU: a CPU detour needs ~70 GB of host memory at full size.
+        self.model = load_model(self.source, speech=speech, merge=merge,
+                                device_map={"": self.device} if self.device.type == "cuda" else None)
         self.model.to(self.device)
         self.has_speech = speech
         self.im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -46,24 +46,28 @@ def _from_pretrained(cls, path: str, **kwargs):
             "the Hugging Face cache (no hub is reachable from here), or 'tiny'") from e
 
 
-def _model_kwargs(cfg: ModelConfig) -> dict:
+def model_kwargs(cfg: ModelConfig, device_map: str | dict | None = None) -> dict:
+    """from_pretrained kwargs for `cfg`; `device_map` loads straight onto a device (no host copy of 30B)."""
     if cfg.experts == "omnitune":
         import omnitune.kernels  # noqa: F401  (registers the "omnitune" experts implementation)
     if cfg.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelLoadError("model.attention=flash_attention_2 needs the flash-attn package; use sdpa or install it")
-    return dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attention, experts_implementation=cfg.experts)
+    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attention, experts_implementation=cfg.experts)
+    return kwargs if device_map is None else {**kwargs, "device_map": device_map}
 
 
-def load_thinker(cfg: ModelConfig, path: str | None = None) -> Qwen3OmniMoeThinkerForConditionalGeneration:
+def load_thinker(cfg: ModelConfig, path: str | None = None,
+                 device_map: str | dict | None = None) -> Qwen3OmniMoeThinkerForConditionalGeneration:
     """The Thinker alone (Talker keys in the checkpoint are skipped, so no Talker memory is spent)."""
     return _from_pretrained(Qwen3OmniMoeThinkerForConditionalGeneration,
-                            resolve_model_path(path or cfg.path), **_model_kwargs(cfg))
+                            resolve_model_path(path or cfg.path), **model_kwargs(cfg, device_map))
 
 
-def load_full(cfg: ModelConfig, path: str | None = None) -> Qwen3OmniMoeForConditionalGeneration:
+def load_full(cfg: ModelConfig, path: str | None = None,
+              device_map: str | dict | None = None) -> Qwen3OmniMoeForConditionalGeneration:
     """Thinker + Talker + Code2Wav, for speech output."""
     return _from_pretrained(Qwen3OmniMoeForConditionalGeneration, resolve_model_path(path or cfg.path),
-                            **_model_kwargs(cfg))
+                            **model_kwargs(cfg, device_map))
 
 
 def load_processor(cfg: ModelConfig, path: str | None = None):

@@ -147,7 +147,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     processor = load_processor(recipe.model)
     train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
     set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run
-    thinker = load_thinker(recipe.model)
+    single_gpu = torch.cuda.is_available() and recipe.distributed.strategy == "none"
+    thinker = load_thinker(recipe.model, device_map={"": torch.cuda.current_device()} if single_gpu else None)
     model = apply_adapters(thinker, recipe.adapter)
     enable_fast_paths(model, recipe, console)
     print_summary(model, console)
