@@ -137,3 +137,13 @@ def test_distributed_strategies_map_onto_trainer_arguments(demo_data, tmp_path):
             distributed_arguments(ds_recipe)
     else:
         assert distributed_arguments(ds_recipe)["deepspeed"]["zero_optimization"]["stage"] == 3
+
+
+def test_selective_checkpointing_trains_the_same_curve_as_full(demo_data, tmp_path):
+    extra = ("train.gradient_checkpointing=true", "train.max_steps=3", "train.save_steps=3")
+    train(small_recipe(demo_data, tmp_path / "full", *extra))
+    train(small_recipe(demo_data, tmp_path / "sel", *extra, "train.checkpoint_policy=selective"))
+    full, sel = losses(tmp_path / "full"), losses(tmp_path / "sel")
+    assert [s for s, _ in sel] == [1, 2, 3]
+    for (_, a), (_, b) in zip(full, sel):
+        assert b == pytest.approx(a, rel=1e-5)

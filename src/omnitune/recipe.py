@@ -104,6 +104,8 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
+    checkpoint_policy: Literal["full", "selective"] = Field(
+        "full", description="selective: keep attention outputs through the recompute (kernels/checkpointing.py)")
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)

@@ -91,7 +91,8 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingA
         warmup_steps=t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-        activation_checkpointing=t.gradient_checkpointing,
+        # selective checkpointing is switched on by enable_checkpointing (its context_fn is not serialisable)
+        activation_checkpointing=t.gradient_checkpointing and t.checkpoint_policy == "full",
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
@@ -111,6 +112,18 @@ def print_summary(model: torch.nn.Module, console: Console) -> None:
     tr_all, tot_all = sum(r[1] for r in rows), sum(r[2] for r in rows)
     table.add_row("all", f"{tr_all:,}", f"{tot_all:,} ({100 * tr_all / max(tot_all, 1):.3f}% trainable)")
     console.print(table)
+
+
+def enable_selective_checkpointing(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Per-layer checkpointing whose recompute reuses the saved attention outputs (kernels/checkpointing.py)."""
+    t = recipe.train
+    if not (t.gradient_checkpointing and t.checkpoint_policy == "selective"):
+        return
+    from omnitune.kernels.checkpointing import selective_checkpoint_context
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": selective_checkpoint_context()})
 
 
 def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) -> None:
@@ -151,6 +164,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     thinker = load_thinker(recipe.model, device_map={"": torch.cuda.current_device()} if single_gpu else None)
     model = apply_adapters(thinker, recipe.adapter)
     enable_fast_paths(model, recipe, console)
+    enable_selective_checkpointing(model, recipe)
     print_summary(model, console)
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None)
