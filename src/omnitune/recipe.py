@@ -54,6 +54,9 @@ class DataConfig(_Section):
     image_min_pixels: int = Field(4 * 32 * 32, ge=32 * 32)
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
+    packing: bool = Field(False, description="padding-free packing: each batch of train.batch_size samples "
+                          "becomes ONE row of their unpadded tokens (batch size = samples per packed row), "
+                          "attention masked per sample, M-RoPE positions per sample")
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> "DataConfig":

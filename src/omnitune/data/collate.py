@@ -8,6 +8,12 @@ Sample weight rule: a sample's weight is the mean of the recipe's loss weights o
 it contains (audio, vision; a video counts as vision, and as audio too when its track is used); a text-only
 sample gets the text weight. E.g. with text 1.0 / audio 0.8 / vision 0.9, an audio+image sample weighs 0.85.
 The trainer pops `sample_weight` before calling the model and scales each sample's token loss by it.
+
+Packing (`packing=True`, recipe `data.packing`): the samples' unpadded tokens go into ONE row [1, N] (labels as in
+kernels/packing.py: the first label of each later sample is -100), with `seq_lengths` [B] and per-sample media
+counts `image_counts` / `video_counts` / `audio_counts` [B] so the trainer can compute each sample's M-RoPE
+positions on its own slice; media are concatenated exactly as in a padded batch; `sample_weight` is then per
+token, [1, N]. There is no attention_mask: the model masks attention per sample from the positions.
 """
 
 from __future__ import annotations
@@ -28,15 +34,25 @@ def sample_weight(modalities, weights: Mapping[str, float]) -> float:
 
 
 class OmniCollator:
-    """Pad and concatenate rendered samples into one model batch."""
+    """Pad (or, with `packing`, pack) and concatenate rendered samples into one model batch."""
 
-    def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any):
+    def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any, packing: bool = False):
         self.pad_token_id = pad_token_id
         if hasattr(loss_weights, "model_dump"):
             loss_weights = loss_weights.model_dump()
         self.weights = dict(loss_weights)
+        self.packing = packing
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self._packed_tokens(samples) if self.packing else self._padded_tokens(samples)
+        batch.update(media_batch(samples))
+        batch["use_audio_in_video"] = any(bool(s.get("use_audio_in_video")) for s in samples)
+        weights = torch.tensor([sample_weight(s["modalities"], self.weights) for s in samples], dtype=torch.float32)
+        # Packed: one weight per token (its sample's), so train/loss.py weights a packed row per sample.
+        batch["sample_weight"] = weights.repeat_interleave(batch["seq_lengths"])[None] if self.packing else weights
+        return batch
+
+    def _padded_tokens(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         n = max(len(s["input_ids"]) for s in samples)
         ids = torch.full((len(samples), n), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
@@ -44,27 +60,43 @@ class OmniCollator:
         for b, s in enumerate(samples):
             k = len(s["input_ids"])
             ids[b, :k], labels[b, :k], mask[b, :k] = s["input_ids"], s["labels"], s["attention_mask"]
-        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        feats = [s for s in samples if "input_features" in s]
-        if feats:
-            frames = max(s["input_features"].shape[-1] for s in feats)
-            bins = feats[0]["input_features"].shape[1]
-            clips = sum(s["input_features"].shape[0] for s in feats)
-            x = torch.zeros((clips, bins, frames), dtype=feats[0]["input_features"].dtype)
-            fmask = torch.zeros((clips, frames), dtype=torch.long)
-            c = 0
-            for s in feats:
-                f, m = s["input_features"], s["feature_attention_mask"]
-                x[c:c + f.shape[0], :, :f.shape[-1]] = f
-                fmask[c:c + f.shape[0], :m.shape[-1]] = m
-                c += f.shape[0]
-            batch["input_features"], batch["feature_attention_mask"] = x, fmask
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                    "video_second_per_grid"):
-            parts = [s[key] for s in samples if key in s]
-            if parts:
-                batch[key] = torch.cat(parts)
-        batch["use_audio_in_video"] = any(bool(s.get("use_audio_in_video")) for s in samples)
-        batch["sample_weight"] = torch.tensor([sample_weight(s["modalities"], self.weights) for s in samples],
-                                              dtype=torch.float32)
-        return batch
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    @staticmethod
+    def _packed_tokens(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """One row [1, N] of all samples' tokens (kernels/packing.py), plus what splits the media back per sample.
+
+        No position_ids here: M-RoPE positions need the model's `get_rope_index`, so the trainer adds them."""
+        from omnitune.kernels.packing import pack_samples  # lazy: omnitune.kernels loads the fast paths (~2 s)
+
+        packed = pack_samples([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
+        counts = {name: torch.tensor([s[key].shape[0] if key in s else 0 for s in samples])
+                  for name, key in (("image_counts", "image_grid_thw"), ("video_counts", "video_grid_thw"),
+                                    ("audio_counts", "input_features"))}
+        return {"input_ids": packed["input_ids"], "labels": packed["labels"], "seq_lengths": packed["seq_lengths"],
+                **counts}
+
+
+def media_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The samples' media in sample order: audio clips padded to the longest (+ frame masks), patches and grids
+    concatenated."""
+    batch: dict[str, torch.Tensor] = {}
+    feats = [s for s in samples if "input_features" in s]
+    if feats:
+        frames = max(s["input_features"].shape[-1] for s in feats)
+        bins = feats[0]["input_features"].shape[1]
+        clips = sum(s["input_features"].shape[0] for s in feats)
+        x = torch.zeros((clips, bins, frames), dtype=feats[0]["input_features"].dtype)
+        fmask = torch.zeros((clips, frames), dtype=torch.long)
+        c = 0
+        for s in feats:
+            f, m = s["input_features"], s["feature_attention_mask"]
+            x[c:c + f.shape[0], :, :f.shape[-1]] = f
+            fmask[c:c + f.shape[0], :m.shape[-1]] = m
+            c += f.shape[0]
+        batch["input_features"], batch["feature_attention_mask"] = x, fmask
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return batch

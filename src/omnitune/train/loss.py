@@ -51,8 +51,12 @@ def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, ch
 
 def weighted_loss(losses: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor | None,
                   num_items: int | torch.Tensor | None) -> torch.Tensor:
-    """sum_i w_i sum_t CE / N, N = trained tokens in the optimizer step (or in this batch when not given)."""
+    """sum_i w_i sum_t CE / N, N = trained tokens in the optimizer step (or in this batch when not given).
+
+    sample_weight: [B], one per row (padded batch), or [B, L], one per token like labels (a packed row, where each
+    token carries its own sample's weight)."""
     if sample_weight is not None:
-        losses = losses * sample_weight.to(losses)[:, None]
+        w = sample_weight.to(losses)
+        losses = losses * (w[:, None] if w.dim() == 1 else w[:, 1:])  # the weight of the predicted token's sample
     n = num_items if num_items is not None else (labels[:, 1:] != IGNORE).sum()
     return losses.sum() / torch.as_tensor(n, device=losses.device).clamp(min=1)

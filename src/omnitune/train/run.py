@@ -174,7 +174,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
     trainer = OmniTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=OmniCollator(processor.tokenizer.pad_token_id, recipe.train.loss_weights),
+        data_collator=OmniCollator(processor.tokenizer.pad_token_id, recipe.train.loss_weights,
+                                   packing=recipe.data.packing),
         callbacks=callbacks, router_aux_coef=router_aux_coef(recipe, thinker))
     try:
         out = trainer.train(resume_from_checkpoint=last if resume else None)

@@ -22,6 +22,38 @@ def thinker_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+PACKED_KEYS = ("seq_lengths", "image_counts", "video_counts", "audio_counts")
+
+
+def packed_position_ids(thinker_model: torch.nn.Module, batch: dict, seq_lengths: torch.Tensor,
+                        image_counts: torch.Tensor, video_counts: torch.Tensor,
+                        audio_counts: torch.Tensor) -> torch.Tensor:
+    """(4, 1, N) positions of a packed row (data/collate.py): per sample, row 0 its text positions 0..L-1 (where
+    attention finds the sample boundaries) and rows 1-3 the M-RoPE t/h/w that `get_rope_index` gives it alone, from
+    its own grids and audio lengths, exactly as in a padded batch. Float, as get_rope_index's: video times can be
+    fractional (13 * seconds per grid), which kernels/packing.py's integer positions would truncate."""
+    fmask = batch.get("feature_attention_mask")
+    images = _per_sample(batch.get("image_grid_thw"), image_counts)
+    videos = _per_sample(batch.get("video_grid_thw"), video_counts)
+    seconds = _per_sample(batch.get("video_second_per_grid"), video_counts)
+    audios = _per_sample(None if fmask is None else fmask.sum(-1), audio_counts)
+    rows = []
+    for i, ids in enumerate(batch["input_ids"][0].cpu().split(seq_lengths.tolist())):
+        text = torch.arange(len(ids), dtype=torch.float32)
+        if image_counts[i] or video_counts[i]:
+            mrope = thinker_model.get_rope_index(ids[None], images[i], videos[i], torch.ones_like(ids[None]),
+                                                 bool(batch.get("use_audio_in_video")), audios[i], seconds[i])[0][:, 0]
+        else:  # text and audio alone: get_rope_index gives them the text positions on all three axes
+            mrope = text.expand(3, -1)
+        rows.append(torch.cat([text[None], mrope.float()]))
+    return torch.cat(rows, dim=1)[:, None].to(batch["input_ids"].device)
+
+
+def _per_sample(values: torch.Tensor | None, counts: torch.Tensor) -> list[torch.Tensor | None]:
+    """Split media rows concatenated in sample order (grids, clip lengths) back into each sample's own."""
+    return [None] * len(counts) if values is None else list(values.cpu().split(counts.tolist()))
+
+
 class OmniTrainer(Trainer):
     """Trainer whose loss is modality-weighted token CE (+ router balance loss when the router trains)."""
 
@@ -37,6 +69,9 @@ class OmniTrainer(Trainer):
         labels = inputs.pop("labels")
         sample_weight = inputs.pop("sample_weight", None)
         thinker = thinker_of(self.accelerator.unwrap_model(model))
+        if "seq_lengths" in inputs:  # a packed row (data.packing): no attention_mask, positions per sample
+            packed = [inputs.pop(k) for k in PACKED_KEYS]
+            inputs["position_ids"] = packed_position_ids(thinker.model, inputs, *packed)
         want_router = self.router_aux_coef > 0 and model.training
         out = thinker.model(**inputs, output_router_logits=want_router, use_cache=False)
         loss = weighted_loss(token_losses(out.last_hidden_state, thinker.lm_head, labels), labels,
