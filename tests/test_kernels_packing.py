@@ -40,3 +40,11 @@ def test_media_samples_keep_their_own_mrope_positions():
     assert torch.equal(pos[1:, 3:], mrope)
     assert torch.equal(pos[1:, :3], torch.arange(3).expand(3, 3))
     assert pos[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+
+
+def test_pack_samples_keeps_fractional_mrope_positions():
+    # 4 fps video, 2 frames per grid: temporal positions 0, 6.5, 13, ... must not be truncated.
+    mrope = torch.tensor([[0.0, 6.5, 13.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    packed = pack_samples([{"input_ids": torch.arange(2)}, {"input_ids": torch.arange(3), "mrope_position_ids": mrope}])
+    assert packed["position_ids"][1, 0, 2:].tolist() == [0.0, 6.5, 13.0]
+    assert packed["position_ids"][0, 0].tolist() == [0.0, 1.0, 0.0, 1.0, 2.0]

@@ -35,10 +35,11 @@ def pack_samples(samples: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> d
             lab[0] = ignore_index  # the previous sample's last token must not learn to predict this one
         text = torch.arange(n, dtype=torch.long)
         mrope = s.get("mrope_position_ids")
-        mrope = text.expand(3, n) if mrope is None else torch.as_tensor(mrope).reshape(3, n).long()
+        # get_rope_index gives float positions (video times can be fractional): never truncate them
+        mrope = text.expand(3, n) if mrope is None else torch.as_tensor(mrope).reshape(3, n)
         ids.append(x)
         labels.append(lab)
-        positions.append(torch.cat([text[None], mrope], dim=0))
+        positions.append(torch.cat([text[None].to(mrope.dtype), mrope], dim=0))
         lengths.append(n)
     return {
         "input_ids": torch.cat(ids)[None],
