@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Wheels the GPU image lacks (it has torch 2.11, transformers 5.17, Python 3.12, no registry): download them here
+# into .wheels/ (git-ignored), carry it with `run` (carry: [".wheels"]) and install there with
+#   pip install --no-deps --target /tmp/pp .wheels/*.whl && PYTHONPATH=/tmp/pp:src python bench/...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .wheels
+pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .wheels \
+  "transformers==5.23.0" "peft==0.21.2" "regex>=2025.10.22" "pydantic==2.13.4" "pydantic-core==2.46.4" \
+  "annotated-types>=0.6" "typing-inspection>=0.4" "pyyaml>=6"
+ls .wheels
