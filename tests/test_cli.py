@@ -1,6 +1,8 @@
 """The command line, run the way a user runs it: presets from any directory, overrides, clear errors."""
 
 import json
+import os
+import subprocess
 
 import pytest
 from typer.testing import CliRunner
@@ -76,3 +78,17 @@ def test_infer_with_nothing_to_answer_is_a_clear_error(thinking_run):
     res = runner.invoke(app, ["infer", str(thinking_run), "--no-speech"])
     assert res.exit_code == 1
     assert "nothing to answer" in res.output
+
+
+def test_a_bad_record_stops_prepare_with_its_file_and_line_and_no_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"role": "user", "content": [{"type": "audio", "audio": "gone.wav"}]},'
+                   ' {"role": "assistant", "content": "x"}]}\n')
+    # a real process: CliRunner would also capture other tests' stale logging handlers
+    res = subprocess.run(["omnitune", "prepare", "demo", "--set", f"data.train={bad}", "--set", "data.workers=1"],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "500"}, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert f"{bad}:1:" in out and "gone.wav" in out
+    assert "Traceback" not in out

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
+from omnitune.errors import OmnituneError
 from omnitune.recipe import RecipeError, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,9 +28,17 @@ def _recipe(source: str, overrides: Optional[list[str]]):
         raise typer.Exit(2) from None
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/] {e}")
-    raise typer.Exit(1) from None
+# What a user can fix gets one line and exit 1; anything else is a bug and keeps its traceback.
+USER_ERRORS = (OmnituneError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+@contextmanager
+def user_errors():
+    try:
+        yield
+    except USER_ERRORS as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -39,10 +49,8 @@ def prepare(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
     from omnitune.data.prepare import run_prepare
     from omnitune.model.load import load_processor
     r = _recipe(recipe, set_)
-    try:
+    with user_errors():
         run_prepare(r, load_processor(r.model), show=show, dump=dump, console=console)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(e)
 
 
 @app.command()
@@ -51,10 +59,8 @@ def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
     """Train (LoRA or full) as the recipe says; writes the run directory (output_dir)."""
     from omnitune.train.run import train as run_train
     r = _recipe(recipe, set_)
-    try:
+    with user_errors():
         run_train(r, resume=resume, console=console)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        _fail(e)
 
 
 @app.command("eval")
@@ -69,14 +75,12 @@ def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or
           out: Optional[Path] = typer.Option(None, help="report directory (default: RUN/eval/<task>-<file>)")):
     """Score generations on an eval set (WER/CER, captions, MCQ, QA, loss); base vs tuned with --compare base."""
     from omnitune.eval.runner import evaluate
-    if compare not in (None, "base"):
-        _fail(ValueError(f"--compare takes 'base', not {compare!r}"))
-    try:
+    with user_errors():
+        if compare not in (None, "base"):
+            raise RecipeError(f"--compare takes 'base', not {compare!r}")
         report = evaluate(source, data, task, adapter=adapter, compare_base=compare == "base",
                           batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out, limit=limit,
                           on_error=on_error)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(e)
     for name, path in (report.files or {}).items():
         console.print(f"{name}: {path}")
 
@@ -98,7 +102,7 @@ def infer(source: str = typer.Argument(..., help="run directory, recipe (file or
           max_new_tokens: int = typer.Option(512)):
     """Answer one conversation: text streamed to the terminal, speech written as a 24 kHz wav."""
     from omnitune.infer import Inferencer, build_conversation, read_conversation
-    try:
+    with user_errors():
         if conversation is not None:
             turns, base = read_conversation(conversation)
         else:
@@ -107,8 +111,6 @@ def infer(source: str = typer.Argument(..., help="run directory, recipe (file or
         out = inf.generate(turns, speaker=speaker, stream=lambda piece: print(piece, end="", flush=True),
                            show_thinking=show_thinking, max_new_tokens=max_new_tokens,
                            use_audio_in_video=use_audio_in_video, base_dir=base)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(e)
     print()
     if out.audio is not None:
         console.print(f"speech: {out.save_wav(wav)} ({len(out.audio) / out.sample_rate:.1f} s)")
@@ -123,11 +125,9 @@ def export(run_dir: str = typer.Argument(..., help="run directory (or a recipe/c
            overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists")):
     """Merge LoRA and write a complete Qwen3-Omni checkpoint in the Hub layout (sharded safetensors)."""
     from omnitune.export import export_run
-    try:
+    with user_errors():
         res = export_run(run_dir, out_dir, thinker_only=thinker_only, shard_size=shard_size, adapter=adapter,
                          dtype=dtype, overwrite=overwrite)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        _fail(e)
     console.print(f"[green]exported[/] {res.n_tensors} tensors in {res.n_shards} shard(s) -> {res.out_dir}")
 
 
@@ -136,7 +136,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the demo writes
          seed: int = typer.Option(0)):
     """The whole chain on a tiny model on the CPU: data -> prepare -> train -> eval -> infer."""
     from omnitune.demo import run_demo
-    run_demo(out, seed=seed, console=console)
+    with user_errors():
+        run_demo(out, seed=seed, console=console)
 
 
 def main() -> None:

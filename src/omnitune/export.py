@@ -26,6 +26,7 @@ from typing import Any
 
 from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
+from omnitune.errors import OmnituneError
 from omnitune.infer import Source, apply_weights, load_generation_processor, resolve_source
 from omnitune.model.load import load_thinker, model_kwargs, resolve_model_path
 from omnitune.recipe import Recipe
@@ -35,7 +36,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WRAPPER_MARKS = ("lora_", "base_layer", "modules_to_save", "original_module", "base_model.model")
 
 
-class ExportError(RuntimeError):
+class ExportError(OmnituneError, RuntimeError):
     """An export that cannot be done or did not come out right."""
 
 

@@ -22,6 +22,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoProcessor, TextStreamer
 
+from omnitune.errors import OmnituneError
 from omnitune.data.collate import OmniCollator
 from omnitune.data.render import IGNORE, decode_record, processor_kwargs
 from omnitune.data.schema import Record, RecordError, validate_record
@@ -34,7 +35,7 @@ SPEECH_RATE = 24000
 THINK_END = "</think>"
 
 
-class InferError(ValueError):
+class InferError(OmnituneError, ValueError):
     """A request the model cannot serve, said so a user can fix it."""
 
 

@@ -16,13 +16,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from omnitune.errors import OmnituneError
+
 PRESETS = ("instruct", "thinking", "captioner", "demo")
 Variant = Literal["instruct", "thinking", "captioner"]
 # Adapter target groups; each maps to real Qwen3-Omni Thinker module or parameter names (model/adapters.py).
 TARGET_GROUPS = ("attention", "experts", "router")
 
 
-class RecipeError(ValueError):
+class RecipeError(OmnituneError, ValueError):
     """A recipe that cannot run, said in words a user can act on."""
 
 

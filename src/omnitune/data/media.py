@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from omnitune.errors import OmnituneError
+
 SAMPLE_RATE = 16000
 _SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".w64", ".caf"}
 
 
-class MediaError(Exception):
+class MediaError(OmnituneError):
     """Media that could not be decoded."""
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from omnitune.errors import OmnituneError
+
 MEDIA_TYPES = ("audio", "image", "video")
 CONTENT_TYPES = ("text",) + MEDIA_TYPES
 ROLES = ("system", "user", "assistant")
@@ -20,7 +22,7 @@ RESERVED = ("<|audio_pad|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "
             "<|audio_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
-class RecordError(Exception):
+class RecordError(OmnituneError):
     """A record that cannot be used, located by file and line."""
 
     def __init__(self, file: str | Path, line: int, reason: str):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from omnitune.errors import OmnituneError
 from omnitune.data.collate import OmniCollator
 from omnitune.data.render import IGNORE, render
 from omnitune.data.schema import Record, RecordError, read_records
@@ -28,7 +29,7 @@ from omnitune.infer import (Source, collate_prompts, encode_prompt, load_generat
 from omnitune.recipe import DataConfig, Recipe
 
 
-class EvalError(ValueError):
+class EvalError(OmnituneError, ValueError):
     """An evaluation that cannot run, with what to change."""
 
 

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from omnitune.errors import OmnituneError
 from omnitune.recipe import AdapterConfig
 
 LM = "model.language_model"
@@ -27,7 +28,7 @@ COMPONENTS = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(OmnituneError, ValueError):
     """An adapter section that does not fit the model."""
 
 

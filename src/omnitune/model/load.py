@@ -14,13 +14,14 @@ import torch
 from transformers import (AutoProcessor, Qwen3OmniMoeForConditionalGeneration,
                           Qwen3OmniMoeThinkerForConditionalGeneration)
 
+from omnitune.errors import OmnituneError
 from omnitune.data.template import chat_template
 from omnitune.recipe import ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(OmnituneError, RuntimeError):
     """A checkpoint that cannot be loaded, with what to do about it."""
 
 
