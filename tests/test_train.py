@@ -147,3 +147,17 @@ def test_selective_checkpointing_trains_the_same_curve_as_full(demo_data, tmp_pa
     assert [s for s, _ in sel] == [1, 2, 3]
     for (_, a), (_, b) in zip(full, sel):
         assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_wandb_without_the_package_is_a_clear_error(demo_data, tmp_path):
+    import importlib.util
+
+    from omnitune.recipe import RecipeError
+    from omnitune.run_dir import RunDir
+    from omnitune.train.run import training_arguments
+
+    recipe = small_recipe(demo_data, tmp_path, "log.wandb=true")
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(RecipeError, match="omnitune\\[wandb\\]"):
+        training_arguments(recipe, RunDir(tmp_path), has_eval=False)

@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from omnitune.model.adapters import apply_adapters, trainable_summary
 from omnitune.model.load import load_processor, load_thinker
-from omnitune.recipe import Recipe
+from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.train.trainer import MetricsLog, OmniTrainer
 
@@ -83,6 +83,9 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingA
     eval_steps = t.eval_steps or t.save_steps
     report = ["wandb"] if recipe.log.wandb else []
     if recipe.log.wandb:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise RecipeError("log.wandb=true needs the wandb package: pip install 'omnitune[wandb]'")
         os.environ.setdefault("WANDB_PROJECT", recipe.log.wandb_project)
     return TrainingArguments(
         output_dir=str(run.checkpoints), run_name=recipe.name, seed=t.seed, data_seed=t.seed,
