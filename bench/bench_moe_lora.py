@@ -431,6 +431,7 @@ def main() -> None:
             specs += [f"model:{v}:{seq}:{args.layers}" for v in args.ablate.split(",") if v]
     results = []
     out_dir = os.environ.get("OUT", ".")
+    os.makedirs(out_dir, exist_ok=True)
     for spec in specs:
         r = spawn(spec, args.timeout)
         results.append(r)

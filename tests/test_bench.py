@@ -1,0 +1,25 @@
+"""The GPU benchmark's code paths, dry-run on the CPU at tiny sizes so the script cannot rot between GPU runs.
+No timing is asserted: CPU numbers say nothing about the GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_dry_run_measures_both_paths_and_writes_json(tmp_path):
+    env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out")}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_moe_lora.py"), "--parts", "layer,model",
+                          "--seqs", "64", "--layers", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "| model | omnitune | 64 |" in res.stdout and "| model | transformers grouped_mm + PEFT | 64 |" in res.stdout
+    results = json.loads((tmp_path / "out" / "bench_moe_lora.json").read_text())["results"]
+    assert {(r["part"], r["impl"]) for r in results} == {("layer", "peft"), ("layer", "ours"), ("model", "peft"),
+                                                         ("model", "ours")}
+    assert all("error" not in r for r in results)
