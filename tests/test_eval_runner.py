@@ -11,7 +11,7 @@ from rich.console import Console
 
 from omnitune.eval.report import scores_table
 from omnitune.eval.runner import (EvalError, evaluate, exact_match_accuracy, generate_predictions,
-                                  read_eval_records, reference_of, token_losses)
+                                  read_eval_records, record_losses, reference_of)
 from omnitune.infer import load_generation_processor, load_model, resolve_source
 from test_infer_fixtures import lora_run_dir, media, write_jsonl  # noqa: F401  (fixtures)
 
@@ -60,8 +60,8 @@ def test_batched_generation_equals_one_record_at_a_time(tuned, eval_file):
 def test_free_task_loss_does_not_depend_on_batching(tuned, eval_file):
     src, proc, model = tuned
     records = read_eval_records(eval_file, "instruct")[0][:4]
-    one = token_losses(model, proc, records, src.data, batch_size=1)
-    many = token_losses(model, proc, records, src.data, batch_size=4)
+    one = record_losses(model, proc, records, src.data, batch_size=1)
+    many = record_losses(model, proc, records, src.data, batch_size=4)
     assert [n for _, _, n in one] == [n for _, _, n in many] and all(n > 0 for _, _, n in one)
     for (_, a, _), (_, b, _) in zip(one, many):
         assert a == pytest.approx(b, rel=1e-4)

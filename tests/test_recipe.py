@@ -67,3 +67,13 @@ def test_malformed_override_and_yaml_are_clear_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+def test_experts_implementation_is_validated_with_its_choices():
+    with pytest.raises(RecipeError, match="model.experts: 'grouped-mm' is not one of 'omnitune', 'grouped_mm'"):
+        load_recipe("demo", ["model.experts=grouped-mm"])
+
+
+def test_an_eval_file_and_an_eval_fraction_together_are_an_error():
+    with pytest.raises(RecipeError, match="eval_fraction"):
+        load_recipe("demo", ["data.eval=e.jsonl", "data.eval_fraction=0.1"])

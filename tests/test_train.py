@@ -122,21 +122,14 @@ def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_trust(demo_
         train(small_recipe(demo_data, tmp_path / "run"), resume=True)
 
 
-def test_distributed_strategies_map_onto_trainer_arguments(demo_data, tmp_path):
-    from omnitune.train.run import distributed_arguments
+def test_multi_gpu_settings_are_refused_until_supported(demo_data, tmp_path, monkeypatch):
+    from omnitune.recipe import RecipeError
 
-    assert distributed_arguments(small_recipe(demo_data, tmp_path)) == {}
-    fsdp = distributed_arguments(small_recipe(demo_data, tmp_path, "distributed.strategy=fsdp"))
-    assert fsdp["fsdp"] == "full_shard auto_wrap"
-    assert "Qwen3OmniMoeThinkerTextDecoderLayer" in fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"]
-    import importlib.util
-
-    ds_recipe = small_recipe(demo_data, tmp_path, "distributed.strategy=deepspeed", "distributed.zero_stage=3")
-    if importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(ValueError, match="pip install deepspeed"):
-            distributed_arguments(ds_recipe)
-    else:
-        assert distributed_arguments(ds_recipe)["deepspeed"]["zero_optimization"]["stage"] == 3
+    with pytest.raises(RecipeError, match="distributed.strategy"):
+        small_recipe(demo_data, tmp_path, "distributed.strategy=fsdp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="not supported yet"):
+        train(small_recipe(demo_data, tmp_path))
 
 
 def test_selective_checkpointing_trains_the_same_curve_as_full(demo_data, tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m omnitune` (what torchrun / accelerate launch start on every GPU)."""
+"""`python -m omnitune`: the same CLI as the `omnitune` command."""
 
 from omnitune.cli import app
 

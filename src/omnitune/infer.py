@@ -22,11 +22,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoProcessor, TextStreamer
 
-from omnitune.errors import OmnituneError
-from omnitune.data.collate import OmniCollator
+from omnitune.data.collate import OmniCollator, to_device
 from omnitune.data.render import IGNORE, decode_record, processor_kwargs
 from omnitune.data.schema import Record, RecordError, validate_record
 from omnitune.data.template import chat_template
+from omnitune.errors import OmnituneError
 from omnitune.model.load import load_full, load_processor, load_thinker, resolve_model_path
 from omnitune.recipe import PRESETS, DataConfig, ModelConfig, Recipe, load_recipe
 from omnitune.run_dir import RunDir
@@ -238,18 +238,6 @@ def collate_prompts(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any
         shift = ids.shape[1] - len(s["input_ids"])
         ids[i], mask[i] = ids[i].roll(shift), mask[i].roll(shift)
     return batch
-
-
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Tensors to `device`; media features also to the model's dtype (the processor gives float32)."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if v.is_floating_point() and k in ("input_features", "pixel_values", "pixel_values_videos"):
-                v = v.to(dtype)
-        out[k] = v
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,9 +37,9 @@ class ModelConfig(_Section):
     variant: Variant = "instruct"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    experts: str = Field("omnitune", description="experts implementation: omnitune (grouped GEMMs + fused expert "
-                         "LoRA, kernels/), grouped_mm (transformers), eager")
-    thinker_only: bool = Field(True, description="load only the Thinker: training text output needs no Talker")
+    experts: Literal["omnitune", "grouped_mm", "eager"] = Field(
+        "omnitune", description="experts implementation: omnitune (grouped GEMMs + fused expert LoRA, kernels/), "
+        "grouped_mm (transformers + PEFT as they ship), eager")
 
 
 class DataConfig(_Section):
@@ -61,9 +61,11 @@ class DataConfig(_Section):
                           "attention masked per sample, M-RoPE positions per sample")
 
     @model_validator(mode="after")
-    def _pixels_ordered(self) -> "DataConfig":
+    def _consistent(self) -> "DataConfig":
         if self.image_min_pixels > self.image_max_pixels:
             raise ValueError("data.image_min_pixels must not exceed data.image_max_pixels")
+        if self.eval and self.eval_fraction > 0:
+            raise ValueError("data.eval and data.eval_fraction are both set: hold out a fraction OR give an eval file")
         return self
 
 
@@ -121,8 +123,8 @@ class TrainConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    strategy: Literal["none", "deepspeed", "fsdp"] = "none"
-    zero_stage: Literal[2, 3] = 2
+    """Multi-GPU training is not available yet: one GPU (or the CPU) per run."""
+    strategy: Literal["none"] = Field("none", description="only 'none': FSDP / DeepSpeed are not supported yet")
 
 
 class LogConfig(_Section):

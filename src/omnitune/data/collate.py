@@ -100,3 +100,15 @@ def media_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if parts:
             batch[key] = torch.cat(parts)
     return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to `device`; media features also to the model's dtype (the processor gives float32)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point() and k in ("input_features", "pixel_values", "pixel_values_videos"):
+                v = v.to(dtype)
+        out[k] = v
+    return out

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from omnitune.errors import OmnituneError
-from omnitune.data.collate import OmniCollator
+from omnitune.data.collate import OmniCollator, to_device
 from omnitune.data.render import IGNORE, render
 from omnitune.data.schema import Record, RecordError, read_records
 from omnitune.eval import metrics
+from omnitune.errors import OmnituneError
 from omnitune.infer import (Source, collate_prompts, encode_prompt, load_generation_processor, load_model,
-                            resolve_source, split_thinking, to_device)
+                            resolve_source, split_thinking)
 from omnitune.recipe import DataConfig, Recipe
+from omnitune.train.loss import token_losses as per_token_ce
 
 
 class EvalError(OmnituneError, ValueError):
@@ -143,7 +143,7 @@ def generate_predictions(model: torch.nn.Module, processor, records: list[Record
 
 
 @torch.no_grad()
-def token_losses(model: torch.nn.Module, processor, records: list[Record], data: DataConfig,
+def record_losses(model: torch.nn.Module, processor, records: list[Record], data: DataConfig,
                  batch_size: int = 8, bad: list[RecordError] | None = None,
                  desc: str = "loss") -> list[tuple[Record, float, int]]:
     """(record, summed token CE over the assistant turns, trained tokens) per record, teacher-forced.
@@ -160,11 +160,11 @@ def token_losses(model: torch.nn.Module, processor, records: list[Record], data:
                 for s in (s for _, s in encoded):
                     s["modalities"] = ["text"]  # loss weights play no part in evaluation
                 batch = collate([s for _, s in encoded])
-                labels = batch.pop("labels")[:, 1:].to(device)
+                labels = batch.pop("labels").to(device)
                 batch.pop("sample_weight")
-                logits = thinker(**to_device(batch, device, thinker.dtype)).logits[:, :-1].float()
-                ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-                trained = labels != IGNORE
+                hidden = thinker.model(**to_device(batch, device, thinker.dtype), use_cache=False).last_hidden_state
+                ce = per_token_ce(hidden, thinker.lm_head, labels)  # chunked: no [B, L, V] logits
+                trained = labels[:, 1:] != IGNORE
                 for (rec, _), row_ce, row_mask in zip(encoded, ce, trained):
                     out.append((rec, float((row_ce * row_mask).sum()), int(row_mask.sum())))
             bar.update(len(chunk))
@@ -183,7 +183,7 @@ def _score_model(label: str, task: str, model, processor, records: list[Record],
                  batch_size: int, max_new_tokens: int, bad: list[RecordError] | None) -> ModelResult:
     start = time.time()
     if task == "free":
-        rows = token_losses(model, processor, records, data, batch_size, bad, desc=label)
+        rows = record_losses(model, processor, records, data, batch_size, bad, desc=label)
         samples = [{"key": (r.file, r.line), "loss": s / max(n, 1), "tokens": n,
                     "perplexity": math.exp(min(s / max(n, 1), 50.0))} for r, s, n in rows]
         total, count = sum(s for _, s, _ in rows), sum(n for _, _, n in rows)

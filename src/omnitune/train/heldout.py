@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omnitune.data.render import IGNORE
+from omnitune.data.collate import to_device
+from omnitune.train.loss import trained_logits
 from omnitune.train.trainer import thinker_of
 
 
@@ -18,19 +19,21 @@ from omnitune.train.trainer import thinker_of
 def heldout_scores(model: torch.nn.Module, dataset, collator, batch_size: int = 8) -> dict[str, float]:
     """{'loss': mean token CE, 'accuracy': greedy exact-match rate, 'samples': n} over `dataset`."""
     thinker = thinker_of(model)
+    device = next(thinker.parameters()).device
     was_training = thinker.training
     thinker.eval()
     total_loss, total_tokens, correct, n = 0.0, 0, 0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        labels = batch.pop("labels")[:, 1:]
+        labels = batch.pop("labels")
         batch.pop("sample_weight", None)
-        logits = thinker(**batch).logits[:, :-1].float()
-        trained = labels != IGNORE
-        ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        total_loss += float((ce * trained).sum())
-        total_tokens += int(trained.sum())
-        correct += int(((logits.argmax(-1) == labels) | ~trained).all(dim=1).sum())
+        hidden = thinker.model(**to_device(batch, device, thinker.dtype), use_cache=False).last_hidden_state
+        logits, targets, rows = trained_logits(hidden, thinker.lm_head, labels)
+        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+        total_tokens += int(targets.numel())
+        wrong = torch.zeros(labels.shape[0], dtype=torch.bool, device=rows.device)
+        wrong[rows[logits.argmax(-1) != targets]] = True
+        correct += int((~wrong).sum())
         n += labels.shape[0]
     thinker.train(was_training)
     return {"loss": total_loss / max(total_tokens, 1), "accuracy": correct / max(n, 1), "samples": n}

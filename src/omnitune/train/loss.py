@@ -49,6 +49,14 @@ def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, ch
     return out.view(labels.shape[0], -1)
 
 
+def trained_logits(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fp32 logits at the trained next-token positions only: (logits [n, V], targets [n], row of each [n]).
+    For scoring (argmax, CE) without [B, L, V] logits."""
+    y = labels[:, 1:].to(hidden.device)
+    rows, cols = (y != IGNORE).nonzero(as_tuple=True)
+    return head(hidden[:, :-1][rows, cols]).float(), y[rows, cols], rows
+
+
 def weighted_loss(losses: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor | None,
                   num_items: int | torch.Tensor | None) -> torch.Tensor:
     """sum_i w_i sum_t CE / N, N = trained tokens in the optimizer step (or in this batch when not given).

@@ -53,31 +53,6 @@ def router_aux_coef(recipe: Recipe, thinker: torch.nn.Module) -> float:
     return float(coef if coef is not None else thinker.config.text_config.router_aux_loss_coef)
 
 
-# Decoder blocks of the Thinker (text, audio, vision): the units FSDP shards and wraps.
-FSDP_WRAP = ["Qwen3OmniMoeThinkerTextDecoderLayer", "Qwen3OmniMoeAudioEncoderLayer", "Qwen3OmniMoeVisionBlock"]
-
-
-def distributed_arguments(recipe: Recipe) -> dict:
-    """TrainingArguments for `distributed.strategy`; the processes come from `accelerate launch` / `torchrun`."""
-    d = recipe.distributed
-    if d.strategy == "fsdp":
-        return {"fsdp": "full_shard auto_wrap",
-                "fsdp_config": {"transformer_layer_cls_to_wrap": FSDP_WRAP, "use_orig_params": True,
-                                "activation_checkpointing": False}}
-    if d.strategy == "deepspeed":
-        import importlib.util
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError("distributed.strategy=deepspeed needs the deepspeed package: pip install deepspeed")
-        zero: dict = {"stage": d.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
-        if d.zero_stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
-        precision = recipe.train.precision
-        return {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": precision == "bf16"},
-                              "fp16": {"enabled": precision == "fp16"}, "gradient_clipping": "auto",
-                              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}}
-    return {}
-
-
 def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingArguments:
     t = recipe.train
     eval_steps = t.eval_steps or t.save_steps
@@ -101,7 +76,7 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingA
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
-        disable_tqdm=False, use_cpu=not torch.cuda.is_available(), **distributed_arguments(recipe),
+        disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -150,6 +125,9 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     from omnitune.data.collate import OmniCollator
 
     console = console or Console()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("multi-process training (torchrun / accelerate launch) is not supported yet: the loss "
+                          "runs the Thinker outside the DDP/FSDP wrapper. Train on one GPU.")
     recipe = absolute_recipe(recipe)
     run = RunDir(recipe.out)
     last = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
@@ -163,8 +141,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     processor = load_processor(recipe.model)
     train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
     set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run
-    single_gpu = torch.cuda.is_available() and recipe.distributed.strategy == "none"
-    thinker = load_thinker(recipe.model, device_map={"": torch.cuda.current_device()} if single_gpu else None)
+    thinker = load_thinker(recipe.model, device_map={"": 0} if torch.cuda.is_available() else None)
     model = apply_adapters(thinker, recipe.adapter)
     enable_fast_paths(model, recipe, console)
     enable_selective_checkpointing(model, recipe)
@@ -184,7 +161,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         out = trainer.train(resume_from_checkpoint=last if resume else None)
     except KeyboardInterrupt:
         newest = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
-        console.print(f"[yellow]interrupted.[/] " + (f"Newest checkpoint: {newest}. Continue with --resume."
+        console.print("[yellow]interrupted.[/] " + (f"Newest checkpoint: {newest}. Continue with --resume."
                                                     if newest else "No checkpoint was written yet."))
         raise
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
