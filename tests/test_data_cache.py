@@ -201,3 +201,15 @@ def test_samples_stream_into_several_shards_in_file_order(tmp_path, monkeypatch)
     many, _ = _prepare(recipe_for(tmp_path / "b", path), path)
     assert len(one.manifest["shards"]) == 1 and len(many.manifest["shards"]) == 4
     assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(one, many)] == [True] * 4
+
+
+def test_packing_is_not_part_of_the_cache_key(tmp_path):
+    from omnitune.data.cache import cache_key
+    from omnitune.data.schema import read_records
+    from omnitune.data.synthetic import make_demo_dataset
+    from omnitune.recipe import load_recipe
+
+    train_file, _ = make_demo_dataset(tmp_path, n_train=2, n_eval=1, seed=0)
+    records = list(read_records(train_file))
+    keys = {cache_key(load_recipe("demo", [f"data.packing={p}"]), train_file, records, "h") for p in ("false", "true")}
+    assert len(keys) == 1

@@ -77,3 +77,12 @@ def test_experts_implementation_is_validated_with_its_choices():
 def test_an_eval_file_and_an_eval_fraction_together_are_an_error():
     with pytest.raises(RecipeError, match="eval_fraction"):
         load_recipe("demo", ["data.eval=e.jsonl", "data.eval_fraction=0.1"])
+
+
+def test_a_local_model_path_resolves_against_the_recipe_file_like_data_paths(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "r.yaml").write_text("model:\n  path: ckpt\n")
+    monkeypatch.chdir("/")
+    assert load_recipe(tmp_path / "r.yaml").model.path == str(tmp_path / "ckpt")
+    assert load_recipe(tmp_path / "r.yaml", ["model.path=Qwen/Qwen3-Omni-30B-A3B-Instruct"]).model.path == \
+        "Qwen/Qwen3-Omni-30B-A3B-Instruct"

@@ -108,13 +108,10 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
 
 
 def load_generation_processor(src: Source):
-    """The run's saved processor when there is one, else the base checkpoint's with our template."""
-    if src.processor_dir is not None and Path(src.processor_dir).is_dir():
-        proc = AutoProcessor.from_pretrained(str(src.processor_dir))
-        if not getattr(proc, "chat_template", None):
-            proc.chat_template = chat_template(src.variant)
-        return proc
-    return load_processor(src.model)
+    """The run's saved processor (else the checkpoint's), always with our template for the variant: prompts
+    render exactly as in training, also for a base checkpoint whose own template differs."""
+    saved = src.processor_dir is not None and Path(src.processor_dir).is_dir()
+    return load_processor(src.model, str(src.processor_dir) if saved else None)
 
 
 def apply_weights(thinker: torch.nn.Module, src: Source, merge: bool) -> torch.nn.Module:

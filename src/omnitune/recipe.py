@@ -197,7 +197,11 @@ def load_recipe(source: str | Path, overrides: list[str] | None = None) -> Recip
     for item in overrides or []:
         _apply_override(raw, item)
     raw["base_dir"] = str(base)
-    return validate_recipe(raw, origin=str(path))
+    recipe = validate_recipe(raw, origin=str(path))
+    local = recipe.resolve(recipe.model.path)
+    if recipe.model.path != "tiny" and local is not None and local.exists():  # a local checkpoint, like data paths
+        recipe.model.path = str(local)
+    return recipe
 
 
 def validate_recipe(raw: dict[str, Any], origin: str = "recipe") -> Recipe:

@@ -35,7 +35,7 @@ CACHE_VERSION = 2
 SHARD_BYTES = 256 << 20
 # Rendered in the main process before worker processes are started (see _render_all).
 INLINE_SECONDS = 5.0
-_KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir")
+_KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir", "packing")  # packing: collator only
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -73,6 +73,7 @@ def load_full(cfg: ModelConfig, path: str | None = None,
 
 def load_processor(cfg: ModelConfig, path: str | None = None):
     """The checkpoint's processor, with our chat template for `cfg.variant` (training and export agree)."""
-    proc = _from_pretrained(AutoProcessor, resolve_model_path(path or cfg.path))
+    # `path`: a saved processor directory (a run's processor/), taken as it is; else the model's checkpoint.
+    proc = _from_pretrained(AutoProcessor, path if path is not None else resolve_model_path(cfg.path))
     proc.chat_template = chat_template(cfg.variant)
     return proc
