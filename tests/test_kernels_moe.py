@@ -47,7 +47,9 @@ def assert_close_all(a, b, tol=1e-9):
         assert torch.allclose(u, v, atol=tol, rtol=tol), (u - v).abs().max()
 
 
-def test_frozen_base_with_lora_matches_reference_and_unused_experts_get_zero_grads():
+@pytest.mark.parametrize("dense_a_max_cols", [2048, 0], ids=["gate_up-A-dense", "gate_up-A-grouped"])
+def test_frozen_base_with_lora_matches_reference_and_unused_experts_get_zero_grads(dense_a_max_cols, monkeypatch):
+    monkeypatch.setattr("omnitune.kernels.moe_experts.DENSE_LORA_A_MAX_COLS", dense_a_max_cols)
     experts, x, idx, w, lora = make_case(used_experts=5)
     experts.requires_grad_(False)
     x.requires_grad_(True)
