@@ -222,14 +222,13 @@ def encode_prompt(processor, record: Record, data: DataConfig) -> dict[str, Any]
     out["input_ids"], out["attention_mask"] = out["input_ids"][0], out["attention_mask"][0]
     out["labels"] = torch.full_like(out["input_ids"], IGNORE)
     out["use_audio_in_video"] = bool(data.use_audio_in_video and media.videos)
-    out["modalities"] = ["text"]
     return out
 
 
 def collate_prompts(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Batch prompts for generation: the training collator's batch, with padding moved to the left."""
-    batch = OmniCollator(pad_id, {"text": 1.0})(samples)
-    batch.pop("labels"), batch.pop("sample_weight")
+    batch = OmniCollator(pad_id)(samples)
+    batch.pop("labels")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     for i, s in enumerate(samples):
         shift = ids.shape[1] - len(s["input_ids"])

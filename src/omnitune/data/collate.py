@@ -36,17 +36,20 @@ def sample_weight(modalities, weights: Mapping[str, float]) -> float:
 class OmniCollator:
     """Pad (or, with `packing`, pack) and concatenate rendered samples into one model batch."""
 
-    def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any, packing: bool = False):
+    def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any = None, packing: bool = False):
+        """`loss_weights` None: no `sample_weight` (scoring and generation weigh every sample alike)."""
         self.pad_token_id = pad_token_id
         if hasattr(loss_weights, "model_dump"):
             loss_weights = loss_weights.model_dump()
-        self.weights = dict(loss_weights)
+        self.weights = None if loss_weights is None else dict(loss_weights)
         self.packing = packing
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self._packed_tokens(samples) if self.packing else self._padded_tokens(samples)
         batch.update(media_batch(samples))
         batch["use_audio_in_video"] = any(bool(s.get("use_audio_in_video")) for s in samples)
+        if self.weights is None:
+            return batch
         weights = torch.tensor([sample_weight(s["modalities"], self.weights) for s in samples], dtype=torch.float32)
         # Packed: one weight per token (its sample's), so train/loss.py weights a packed row per sample.
         batch["sample_weight"] = weights.repeat_interleave(batch["seq_lengths"])[None] if self.packing else weights

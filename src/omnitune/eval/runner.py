@@ -150,18 +150,15 @@ def record_losses(model: torch.nn.Module, processor, records: list[Record], data
     Bad records: as in generate_predictions."""
     thinker = getattr(model, "thinker", model)
     tok = processor.tokenizer
-    collate = OmniCollator(tok.pad_token_id if tok.pad_token_id is not None else 0, {"text": 1.0})
+    collate = OmniCollator(tok.pad_token_id if tok.pad_token_id is not None else 0)
     device = next(thinker.parameters()).device
     out = []
     with tqdm(total=len(records), unit="sample", desc=desc, dynamic_ncols=True) as bar:
         for chunk in _batches(records, batch_size):
             encoded = _encode_all(chunk, lambda r: render(processor, r, data), bad)
             if encoded:
-                for s in (s for _, s in encoded):
-                    s["modalities"] = ["text"]  # loss weights play no part in evaluation
                 batch = collate([s for _, s in encoded])
                 labels = batch.pop("labels").to(device)
-                batch.pop("sample_weight")
                 hidden = thinker.model(**to_device(batch, device, thinker.dtype), use_cache=False).last_hidden_state
                 ce = per_token_ce(hidden, thinker.lm_head, labels)  # chunked: no [B, L, V] logits
                 trained = labels[:, 1:] != IGNORE
@@ -241,9 +238,7 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
     results: dict[str, ModelResult] = {}
     render_bad: list[RecordError] = []
     for label, s in runs:
-        model = load_model(s, speech=False)
-        if torch.cuda.is_available():
-            model.to("cuda")
+        model = load_model(s, speech=False, device_map={"": 0} if torch.cuda.is_available() else None)
         errors: list[RecordError] = []
         try:
             results[label] = _score_model(label, task, model, processor, records, src.data, batch_size,
