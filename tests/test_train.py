@@ -154,3 +154,12 @@ def test_wandb_without_the_package_is_a_clear_error(demo_data, tmp_path):
         pytest.skip("wandb is installed")
     with pytest.raises(RecipeError, match="omnitune\\[wandb\\]"):
         training_arguments(recipe, RunDir(tmp_path), has_eval=False)
+
+
+def test_resume_with_a_different_adapter_is_refused_but_longer_training_is_allowed(demo_data, tmp_path):
+    from omnitune.recipe import RecipeError
+
+    train(small_recipe(demo_data, tmp_path, "train.max_steps=3", "train.save_steps=3"))
+    with pytest.raises(RecipeError, match="adapter.rank"):
+        train(small_recipe(demo_data, tmp_path, "train.max_steps=6", "adapter.rank=8"), resume=True)
+    assert train(small_recipe(demo_data, tmp_path, "train.max_steps=6"), resume=True).global_step == 6

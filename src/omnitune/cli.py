@@ -121,7 +121,7 @@ def infer(source: str = typer.Argument(..., help="run directory, recipe (file or
 def export(run_dir: str = typer.Argument(..., help="run directory (or a recipe/checkpoint with --adapter)"),
            out_dir: Path = typer.Argument(..., help="where the merged checkpoint is written"),
            thinker_only: bool = typer.Option(False, help="only the Thinker, for text serving"),
-           adapter: Optional[Path] = typer.Option(None), shard_size: str = typer.Option("5GB"),
+           adapter: Optional[Path] = typer.Option(None), shard_size: str = typer.Option("2GB", help="largest safetensors shard"),
            dtype: Optional[str] = typer.Option(None, help="default: the recipe's model.dtype"),
            overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists")):
     """Merge LoRA and write a complete Qwen3-Omni checkpoint in the Hub layout (sharded safetensors)."""

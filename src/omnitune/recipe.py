@@ -7,8 +7,6 @@ spelling, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +18,6 @@ from omnitune.errors import OmnituneError
 
 PRESETS = ("instruct", "thinking", "captioner", "demo")
 Variant = Literal["instruct", "thinking", "captioner"]
-# Adapter target groups; each maps to real Qwen3-Omni Thinker module or parameter names (model/adapters.py).
-TARGET_GROUPS = ("attention", "experts", "router")
 
 
 class RecipeError(OmnituneError, ValueError):
@@ -166,10 +162,6 @@ class Recipe(_Section):
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def fingerprint(self, *sections: str) -> str:
-        """A short hash of the named sections, for cache keys."""
-        blob = json.dumps({s: self.dump()[s] for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def preset_path(name: str) -> Path:

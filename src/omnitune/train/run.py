@@ -119,6 +119,24 @@ def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) 
         kernels.enable_fused_rope()
 
 
+# Sections a resumed run may change: how long and how it trains and logs, not what it trains on or adapts.
+RESUMABLE_CHANGES = ("train", "log", "name")
+RESUMABLE_KEYS = ("data.workers", "data.cache_dir")  # where and how fast data is prepared, not what it is
+
+
+def check_same_run(run: RunDir, recipe: Recipe) -> None:
+    """--resume continues the checkpoint's run: its model, data and adapter must be the recipe's."""
+    if not run.recipe_file.exists():
+        return
+    before, now = run.recipe().dump(), recipe.dump()
+    changed = sorted(f"{sec}.{k}" for sec in now if sec not in RESUMABLE_CHANGES and isinstance(now[sec], dict)
+                     for k in now[sec] if before.get(sec, {}).get(k) != now[sec][k]
+                     and f"{sec}.{k}" not in RESUMABLE_KEYS)
+    if changed:
+        raise RecipeError(f"--resume: the recipe differs from the run's ({run.recipe_file}) in {', '.join(changed)}; "
+                          "resume with the same model, data and adapter, or train into a new output_dir")
+
+
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> TrainResult:
     """Train as the recipe says; with `resume`, continue from the newest checkpoint of the same run."""
     from omnitune.data.cache import load_or_prepare
@@ -136,6 +154,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     if not resume and last is not None:
         raise FileExistsError(f"{run.root} already holds checkpoints ({Path(last).name}): pass --resume to "
                               f"continue, or choose another output_dir (--set output_dir=...)")
+    if resume:
+        check_same_run(run, recipe)
     run.save_recipe(recipe)
 
     processor = load_processor(recipe.model)
