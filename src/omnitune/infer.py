@@ -20,12 +20,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from peft import PeftModel
-from transformers import AutoProcessor, TextStreamer
+from transformers import TextStreamer
 
 from omnitune.data.collate import OmniCollator, to_device
 from omnitune.data.render import IGNORE, decode_record, processor_kwargs
 from omnitune.data.schema import Record, RecordError, validate_record
-from omnitune.data.template import chat_template
 from omnitune.errors import OmnituneError
 from omnitune.model.load import load_full, load_processor, load_thinker, resolve_model_path
 from omnitune.recipe import PRESETS, DataConfig, ModelConfig, Recipe, load_recipe
