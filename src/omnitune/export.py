@@ -27,8 +27,8 @@ from typing import Any
 from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
 from omnitune.errors import OmnituneError
-from omnitune.infer import Source, apply_weights, load_generation_processor, resolve_source
-from omnitune.model.load import load_thinker, model_kwargs, resolve_model_path
+from omnitune.infer import Source, load_generation_processor, resolve_source, with_trained_thinker
+from omnitune.model.load import load_full
 from omnitune.recipe import Recipe
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -84,22 +84,12 @@ def export_run(run_dir: str | Path | Recipe, out_dir: str | Path, thinker_only: 
 def build_merged(src: Source, thinker_only: bool) -> Qwen3OmniMoeForConditionalGeneration:
     """The top-level model (Talker + Code2Wav from the base unless thinker_only) with the trained Thinker in it."""
     cfg = src.model
-    path = resolve_model_path(cfg.path)
-    kwargs = model_kwargs(cfg)  # as training loaded it (registers custom experts implementations)
-    if thinker_only:
-        kwargs["enable_audio_output"] = False
-    try:
-        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise ExportError(f"cannot load the base checkpoint '{cfg.path}': {e}") from e
+    # as training loaded it (model_kwargs registers custom experts implementations)
+    model = load_full(cfg, **({"enable_audio_output": False} if thinker_only else {}))
     if not thinker_only and not model.has_talker:
         raise ExportError(f"the base checkpoint '{cfg.path}' has no Talker (enable_audio_output is off): "
                           "export with thinker_only (--thinker-only)")
-    if src.weights and src.weights[0] == "model":
-        del model.thinker  # free the base Thinker before loading the fine-tuned one
-        model.thinker = load_thinker(cfg, str(src.weights[1]))
-    elif src.weights:
-        model.thinker = apply_weights(model.thinker, src, merge=True)
+    with_trained_thinker(model, src)
     names = [n for n, _ in model.named_parameters() if any(m in n for m in WRAPPER_MARKS)]
     if names:
         raise ExportError(f"the merged model still has adapter parameters (merge failed): {names[:3]}")

@@ -122,6 +122,17 @@ def apply_weights(thinker: torch.nn.Module, src: Source, merge: bool) -> torch.n
     return peft.merge_and_unload() if merge else peft
 
 
+def with_trained_thinker(full: torch.nn.Module, src: Source, device_map: str | dict | None = None) -> torch.nn.Module:
+    """`full` (the top-level model) with the source's trained Thinker: a full fine-tune's replaces the base one,
+    a LoRA is merged into it."""
+    if src.weights and src.weights[0] == "model":
+        del full.thinker  # free the base Thinker before loading the fine-tuned one
+        full.thinker = load_thinker(src.model, str(src.weights[1]), device_map=device_map)
+    elif src.weights:
+        full.thinker = apply_weights(full.thinker, src, merge=True)
+    return full
+
+
 def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | dict | None = None) -> torch.nn.Module:
     """The Thinker (speech off) or the full model (speech on), with the source's trained weights applied.
 
@@ -137,11 +148,7 @@ def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | 
     if not getattr(full, "has_talker", False):
         raise InferError(f"{src.model.path} has no Talker (enable_audio_output is off, e.g. a Thinking or "
                          "thinker-only checkpoint): generate with speech=False (--no-speech)")
-    if weights and weights[0] == "model":
-        del full.thinker  # free the base Thinker before loading the fine-tuned one
-        full.thinker = load_thinker(src.model, str(weights[1]), device_map=device_map)
-    elif weights:
-        full.thinker = apply_weights(full.thinker, src, merge=True)
+    with_trained_thinker(full, src, device_map)
     # The Talker reuses the Thinker's rope-index code, which reads audio_config.n_window: without this,
     # audio combined with an image or video crashes (QWEN3_OMNI_NOTES.md, Talker).
     full.talker.config.audio_config = full.config.thinker_config.audio_config

@@ -64,11 +64,11 @@ def load_thinker(cfg: ModelConfig, path: str | None = None,
                             resolve_model_path(path or cfg.path), **model_kwargs(cfg, device_map))
 
 
-def load_full(cfg: ModelConfig, path: str | None = None,
-              device_map: str | dict | None = None) -> Qwen3OmniMoeForConditionalGeneration:
-    """Thinker + Talker + Code2Wav, for speech output."""
+def load_full(cfg: ModelConfig, path: str | None = None, device_map: str | dict | None = None,
+              **config_overrides) -> Qwen3OmniMoeForConditionalGeneration:
+    """Thinker + Talker + Code2Wav, for speech output (`enable_audio_output=False`: the Thinker only)."""
     return _from_pretrained(Qwen3OmniMoeForConditionalGeneration, resolve_model_path(path or cfg.path),
-                            **model_kwargs(cfg, device_map))
+                            **model_kwargs(cfg, device_map), **config_overrides)
 
 
 def load_processor(cfg: ModelConfig, path: str | None = None):
