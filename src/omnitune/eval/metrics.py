@@ -74,9 +74,11 @@ def asr_sample(prediction: str, reference: str) -> dict[str, float | int | str]:
             "char_errors": c_err, "chars": c_n, "script": script_group(ref)}
 
 
-def asr_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus WER and CER (errors summed over samples / reference length summed), overall and per script."""
-    samples = [asr_sample(p, r) for p, r in zip(predictions, references)]
+def asr_scores(predictions: list[str], references: list[str], samples: list[dict] | None = None) -> dict[str, float]:
+    """Corpus WER and CER (errors summed over samples / reference length summed), overall and per script.
+    `samples`: the asr_sample dicts when already computed (the runner has them), so jiwer runs once a sample."""
+    if samples is None:
+        samples = [asr_sample(p, r) for p, r in zip(predictions, references)]
     out = _asr_totals(samples, "")
     for group in ("cjk", "other"):
         part = [s for s in samples if s["script"] == group]
@@ -285,7 +287,7 @@ def sample_scores(task: str, prediction: str, reference: str, prompt: str = "") 
 def corpus_scores(task: str, predictions: list[str], references: list[str], samples: list[dict]) -> dict[str, float]:
     """The headline scores of a generation task over all samples."""
     if task == "asr":
-        return asr_scores(predictions, references)
+        return asr_scores(predictions, references, samples)
     if task == "caption":
         return caption_scores(predictions, references)
     if task == "mcq":
