@@ -79,3 +79,11 @@ def test_cider_matches_the_coco_caption_scorer():
     assert cider(preds, refs) == pytest.approx(2.77931683580718, rel=1e-9)
     assert cider(preds, [r[:1] for r in refs]) == pytest.approx(2.932104781319502, rel=1e-9)
     assert caption_scores(preds, [r[0] for r in refs])["cider"] == pytest.approx(2.932104781319502, rel=1e-9)
+
+
+def test_asr_corpus_scores_from_the_runners_samples_equal_scoring_from_scratch():
+    from omnitune.eval.metrics import asr_scores, corpus_scores, sample_scores
+
+    preds, refs = ["the cat sat", "你好世界", "hello"], ["the cat sat down", "你好世界啊", "hello there"]
+    samples = [sample_scores("asr", p, r) for p, r in zip(preds, refs)]
+    assert corpus_scores("asr", preds, refs, samples) == asr_scores(preds, refs)
