@@ -121,6 +121,21 @@ def count_host_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def first_host_sync(fn) -> str:
+    """Run `fn` with host syncs turned into errors: where the first one happens (what breaks graph capture)."""
+    import traceback
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError:
+        return traceback.format_exc()[-2500:]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
 def want_profile(label: str) -> bool:
     """BENCH_PROFILE=1 profiles every run; BENCH_PROFILE=a,b only labels starting with a or b."""
     spec = os.environ.get("BENCH_PROFILE", "")
@@ -131,7 +146,7 @@ def profile_print(step, label: str, steps: int) -> None:
     """Per-op GPU time (self), summed over `steps` steps, to stderr: where the time goes, by aten op."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
@@ -203,10 +218,23 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     experts = [f"{prefix}.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=attn, target_parameters=experts)
     model = get_peft_model(model, lcfg)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    # "ours~norms~linear~loss" = ours with those features off (to attribute the gain)
+    # "ours~norms~linear~loss" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
+    # whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
+    # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
+    name = impl
     impl, *off = impl.split("~")
+    impl, *extra = impl.split("+")
+    graphed = "graph" in extra
+    # checkpointing must not save/restore the CUDA RNG state inside a graph capture (no dropout here)
+    ckpt = {"use_reentrant": False, "preserve_rng_state": not graphed}
+    if "sac" in extra or "sacmm" in extra:
+        from omnitune.kernels.checkpointing import selective_checkpoint_context
+
+        ckpt["context_fn"] = selective_checkpoint_context(save_matmuls="sacmm" in extra)
+        model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+    model.train()
     if impl == "ours":
         assert K.enable_fast_expert_lora(model) == layers
         if "linear" not in off:
@@ -218,22 +246,36 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     chunked_loss = impl == "ours" and "loss" not in off
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    # fused AdamW: what HF Trainer uses by default (optim "adamw_torch_fused"), for both paths
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=DEVICE == "cuda")
     ids = torch.randint(0, REAL["vocab"], (1, seq), device=DEVICE)
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, : seq // 8] = -100
     thinker = model.base_model.model
 
+    def chunked_loss_fn(ids, labels, mask=None):
+        hidden = thinker.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+        shifted = torch.cat([labels[0, 1:], labels.new_full((1,), -100)])
+        per_token = K.chunked_linear_cross_entropy(hidden, thinker.lm_head.weight, shifted)
+        return per_token.sum() / (shifted != -100).sum()
+
+    if graphed:  # the trainer's own graphed micro-step (train/graphed_step.py), as `omnitune train` runs it
+        from omnitune.train.graphed_step import GraphedTrainStep
+
+        graph_step = GraphedTrainStep(thinker, params, bucket=512)
+        batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+        assert DEVICE != "cuda" or graph_step.applies(batch, want_router=False)
+        sync_report = first_host_sync(lambda: torch.autograd.grad(
+            graph_step._loss(*graph_step.prepare(batch, None, None)), params, allow_unused=True)) if DEVICE == "cuda" else None
+
     def step():
-        if chunked_loss:
-            hidden = thinker.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
-            shifted = torch.cat([labels[0, 1:], labels.new_full((1,), -100)])
-            per_token = K.chunked_linear_cross_entropy(hidden, thinker.lm_head.weight, shifted)
-            loss = per_token.sum() / (shifted != -100).sum()
+        if graphed:  # causal attention without a mask tensor: no host-side "is the mask all ones" check
+            loss = graph_step(batch, None, None)  # gradients accumulated into p.grad, as loss.backward() does
         else:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+            loss = chunked_loss_fn(ids, labels, mask) if chunked_loss else model(
+                input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -242,15 +284,17 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=2, iters=steps)
     syncs = count_host_syncs(step) if DEVICE == "cuda" else None
-    label = f"model_{'_'.join([impl, *off])}_{seq}_{layers}"
+    label = f"model_{name.replace('~', '_')}_{seq}_{layers}"
     if want_profile(label):
         profile_print(step, label, steps=1)
     ms = statistics.median(times)
-    return dict(part="model", impl="~".join([impl, *off]), seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
+    return dict(part="model", impl=name, seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
                 peak_gib=peak_gib(), build_s=build_s, host_syncs_per_step=syncs,
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries") if DEVICE == "cuda" else None,
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                trainable_params=sum(p.numel() for p in params), times_ms=times)
+                trainable_params=sum(p.numel() for p in params), times_ms=times,
+                **({"first_host_sync": sync_report, "eager_calls": graph_step.graphs.eager_calls,
+                    "graphs": len(graph_step.graphs.graphs)} if graphed else {}))
 
 
 # ----------------------------------------------------------------------------------------------- smoke checks
@@ -393,7 +437,10 @@ def table(results: list[dict]) -> str:
         n = r.get("seq", r.get("tokens"))
         b = base.get((r["part"], n))
         impl, *off = r["impl"].split("~")
-        label = "transformers grouped_mm + PEFT" if impl == "peft" else "omnitune" + (f" (no {'/'.join(off)})" if off else "")
+        impl, *extra = impl.split("+")
+        label = "transformers grouped_mm + PEFT" if impl == "peft" else "omnitune" + "".join(
+            {"graph": " + CUDA graph", "sac": " + selective ckpt", "sacmm": " + selective ckpt (GEMMs kept)"}[e]
+            for e in extra) + (f" (no {'/'.join(off)})" if off else "")
         mfu_s = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         rows.append(f"| {r['part']} | {label} | {n} | {r['ms']:.2f} | {r['tok_s']:.0f} | {mfu_s} | "
                     f"{r['peak_gib']:.1f} | {b / r['ms']:.2f}x |" if b else
@@ -408,6 +455,7 @@ def main() -> None:
     ap.add_argument("--seqs", default="4096,8192")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--ablate", default="", help="extra model variants, e.g. ours~norms,ours~linear,ours~loss")
+    ap.add_argument("--specs", default="", help="explicit child specs instead of --parts, e.g. model:ours+graph:4096:48")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per subprocess")
     args = ap.parse_args()
     if args.child:
@@ -429,6 +477,8 @@ def main() -> None:
         for seq in args.seqs.split(","):
             specs += [f"model:peft:{seq}:{args.layers}", f"model:ours:{seq}:{args.layers}"]
             specs += [f"model:{v}:{seq}:{args.layers}" for v in args.ablate.split(",") if v]
+    if args.specs:
+        specs = args.specs.split(",")
     results = []
     out_dir = os.environ.get("OUT", ".")
     os.makedirs(out_dir, exist_ok=True)

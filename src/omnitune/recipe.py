@@ -109,6 +109,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = True
     checkpoint_policy: Literal["full", "selective"] = Field(
         "full", description="selective: keep attention outputs through the recompute (kernels/checkpointing.py)")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay each micro-step (decoder + loss + backward) as one "
+                              "CUDA graph where the batch allows (train/graphed_step.py); same results, fewer launches")
+    graph_bucket: int = Field(512, gt=0, description="with cuda_graphs: pad each batch to a multiple of this many "
+                              "tokens, so a run captures few graphs")
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)

@@ -31,6 +31,11 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def weighted_swiglu_reference(gate_up: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * w per row: the experts' routing weight applied before the (linear) down projection."""
+    return swiglu_reference(gate_up) * row_weight.to(gate_up.dtype)[:, None]
+
+
 _compiled: dict[str, object] = {}
 
 
@@ -52,6 +57,13 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda:
         return _compiled_fn("swiglu", swiglu_reference)(gate_up)
     return swiglu_reference(gate_up)
+
+
+def weighted_swiglu(gate_up: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """SwiGLU times a per-row weight: one fused kernel each way on CUDA (grads for both inputs)."""
+    if gate_up.is_cuda:
+        return _compiled_fn("weighted_swiglu", weighted_swiglu_reference)(gate_up, row_weight)
+    return weighted_swiglu_reference(gate_up, row_weight)
 
 
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ One forward:
   2. gather the token rows in expert order (x_g [T*K, H]);
   3. gate_up = x_g @ W_gu[e]^T  (+ s * (x_g @ A_e^T) @ B_e^T per LoRA adapter), one grouped GEMM each;
   4. h = act(gate) * up; down = h @ W_d[e]^T (+ LoRA the same way);
-  5. scale rows by their routing weight, undo the permutation, sum the K slots of each token.
+     (the routing weight of each row is applied to h, inside the fused SwiGLU: the down projection is linear);
+  5. undo the permutation and sum the K slots of each token.
 W + BA is never formed. Gradients come from autograd through the grouped GEMMs, so the three training cases
 (frozen base + LoRA, trainable router, full fine-tune) differ only in which tensors require grad; a frozen base
 weight gets no weight-gradient GEMM at all.
@@ -28,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from transformers.integrations.moe import _default_apply_gate
 
-from .fused_ops import swiglu
+from .fused_ops import weighted_swiglu
 from .grouped_gemm import grouped_mm
 
 # One LoRA adapter on one fused projection: A [E, r, in], B [E, out, r], scaling. Delta W_e = scaling * B_e @ A_e.
@@ -74,29 +75,19 @@ class _GatherTokens(torch.autograd.Function):
         return grad.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
-class _CombineSlots(torch.autograd.Function):
-    """y [S, H] in expert order, w [T, K] -> out[t] = sum_k w[t, k] * y[inv_perm[t*K + k]] (one gather + bmm)."""
+class _SumSlots(torch.autograd.Function):
+    """y [S, H] in expert order (rows already weighted) -> out[t] = sum_k y[inv_perm[t*K + k]]: a gather and a sum
+    over K adjacent rows (fp32 accumulation); backward is one gather of grad_out (no atomics)."""
 
     @staticmethod
-    def forward(ctx, y, weights, perm, inv_perm, token_of_row):
-        num_tokens, top_k = weights.shape
-        y_tok = y.index_select(0, inv_perm).view(num_tokens, top_k, -1)  # [T, K, H] token order
-        w = weights.to(y.dtype)
-        out = torch.bmm(w.unsqueeze(1), y_tok).squeeze(1)
-        ctx.save_for_backward(y_tok, w, perm, token_of_row)
-        ctx.weights_dtype = weights.dtype
-        return out
+    def forward(ctx, y, inv_perm, token_of_row, top_k):
+        ctx.save_for_backward(token_of_row)
+        return y.index_select(0, inv_perm).view(-1, top_k, y.shape[-1]).sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y_tok, w, perm, token_of_row = ctx.saved_tensors
-        grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
-            # row s of y came from flat slot perm[s] = token * K + k: its grad is w[token, k] * grad_out[token]
-            grad_y = grad_out.index_select(0, token_of_row) * w.reshape(-1).index_select(0, perm).unsqueeze(-1)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(y_tok, grad_out.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
-        return grad_y, grad_w, None, None, None
+        (token_of_row,) = ctx.saved_tensors
+        return grad_out.index_select(0, token_of_row), None, None, None
 
 
 # The dense x @ A_all^T trick below costs T*H*E*r MACs against (T*K)*H*r for the grouped product (E/K = 16x more
@@ -118,16 +109,20 @@ def grouped_linear(
     return y
 
 
-def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up * routing weight of the row. The weight goes in here, not after the down projection: the
+    projection (and its LoRA) is linear, and here it rides along in the fused SwiGLU on [S, I] instead of [S, H]."""
     if type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation") and getattr(
         type(experts), "_apply_gate", _default_apply_gate
     ) is _default_apply_gate:
-        return swiglu(gate_up)  # fused silu(gate) * up on CUDA
+        return weighted_swiglu(gate_up, row_weight)  # one fused kernel on CUDA
     apply_gate = getattr(experts, "_apply_gate", None)
     if apply_gate is not None:
-        return apply_gate(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
+        h = apply_gate(gate_up)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    return h * row_weight.to(h.dtype)[:, None]
 
 
 def moe_experts_forward(
@@ -165,12 +160,9 @@ def moe_experts_forward(
         xa = xa_all.view(-1, num_experts, rank)[token_of_row, top_k_index.reshape(-1)[perm]]  # [S, r]
         b_t = lora_b.to(x_g.dtype).transpose(-2, -1).contiguous()
         gate_up = gate_up + grouped_mm(xa * scaling, b_t, offsets, force_loop=force_loop)
-    h = _apply_gate(experts, gate_up)
+    h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm))
     y = grouped_linear(h, expert_weight(experts, "down_proj"), offsets, lora.get("down_proj", ()), force_loop)
-
-    # routing weights, back to token order, sum of the K slots: one gather + a [T,1,K]x[T,K,H] bmm, deterministic
-    out = _CombineSlots.apply(y, top_k_weights, perm, inv_perm, token_of_row)
-    return out.to(hidden_states.dtype)
+    return _SumSlots.apply(y, inv_perm, token_of_row, top_k).to(hidden_states.dtype)  # back to token order
 
 
 def omnitune_experts_forward(

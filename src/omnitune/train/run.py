@@ -53,6 +53,18 @@ def router_aux_coef(recipe: Recipe, thinker: torch.nn.Module) -> float:
     return float(coef if coef is not None else thinker.config.text_config.router_aux_loss_coef)
 
 
+def uses_cuda_graphs(recipe: Recipe) -> bool:
+    """CUDA graphs need a step without RNG state to restore and without an fp16 grad scaler (train/graphed_step.py)."""
+    t = recipe.train
+    return (t.cuda_graphs and torch.cuda.is_available() and t.precision != "fp16"
+            and (recipe.adapter.method != "lora" or recipe.adapter.dropout == 0))
+
+
+def checkpoint_kwargs(recipe: Recipe) -> dict:
+    # a graph capture cannot save/restore the CUDA RNG state; with no dropout there is nothing to restore
+    return {"use_reentrant": False, "preserve_rng_state": not uses_cuda_graphs(recipe)}
+
+
 def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingArguments:
     t = recipe.train
     eval_steps = t.eval_steps or t.save_steps
@@ -71,7 +83,7 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingA
         bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         # selective checkpointing is switched on by enable_checkpointing (its context_fn is not serialisable)
         activation_checkpointing=t.gradient_checkpointing and t.checkpoint_policy == "full",
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs=checkpoint_kwargs(recipe) if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
@@ -101,7 +113,7 @@ def enable_selective_checkpointing(model: torch.nn.Module, recipe: Recipe) -> No
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": selective_checkpoint_context()})
+        activation_checkpointing_kwargs={**checkpoint_kwargs(recipe), "context_fn": selective_checkpoint_context()})
 
 
 def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) -> None:
@@ -176,7 +188,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=OmniCollator(processor.tokenizer.pad_token_id, recipe.train.loss_weights,
                                    packing=recipe.data.packing),
-        callbacks=callbacks, router_aux_coef=router_aux_coef(recipe, thinker))
+        callbacks=callbacks, router_aux_coef=router_aux_coef(recipe, thinker),
+        graph_bucket=recipe.train.graph_bucket if uses_cuda_graphs(recipe) else None)
     try:
         out = trainer.train(resume_from_checkpoint=last if resume else None)
     except KeyboardInterrupt:

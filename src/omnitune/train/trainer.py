@@ -13,8 +13,13 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
 
+from omnitune.kernels.cuda_graph import GraphCaptureError
+from omnitune.train.graphed_step import GraphedTrainStep
 from omnitune.train.loss import token_losses, weighted_loss
+
+logger = logging.get_logger(__name__)
 
 
 def thinker_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,12 +62,39 @@ def _per_sample(values: torch.Tensor | None, counts: torch.Tensor) -> list[torch
 class OmniTrainer(Trainer):
     """Trainer whose loss is modality-weighted token CE (+ router balance loss when the router trains)."""
 
-    def __init__(self, *args: Any, router_aux_coef: float = 0.0, **kwargs: Any):
+    def __init__(self, *args: Any, router_aux_coef: float = 0.0, graph_bucket: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.router_aux_coef = router_aux_coef
+        self.graph_bucket = graph_bucket
+        self.graphed: GraphedTrainStep | None = None  # built at the first step: the optimizer's params are known
         # Our loss is already normalised by the trained tokens of the whole optimizer step.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A CUDA-graph replay of the micro-step where the batch allows one (train/graphed_step.py), else HF's."""
+        if self.graph_bucket is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        thinker = thinker_of(self.accelerator.unwrap_model(model))
+        inputs = self._prepare_inputs(inputs)
+        if self.graphed is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.graphed = GraphedTrainStep(thinker, params, bucket=self.graph_bucket)
+        if not self.graphed.applies(inputs, want_router=self.router_aux_coef > 0):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs_before, inputs = inputs, dict(inputs)
+        position_ids = None
+        if "seq_lengths" in inputs:
+            position_ids = packed_position_ids(thinker.model, inputs, *[inputs.pop(k) for k in PACKED_KEYS])
+        try:
+            with self.compute_loss_context_manager():
+                loss = self.graphed(inputs, position_ids, num_items_in_batch)
+        except GraphCaptureError as e:
+            logger.warning(f"{e}; training continues without CUDA graphs")
+            self.graph_bucket = None
+            return super().training_step(model, inputs_before, num_items_in_batch)
+        return loss.detach().clone()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

@@ -1,0 +1,126 @@
+"""The trainer's micro-step as a CUDA graph (kernels/cuda_graph.py) for the batches that allow one.
+
+Split: everything with host syncs or data-dependent shapes runs eagerly first (token embeddings, the audio tower
+and its merge, the M-RoPE positions, the attention mask, padding up to a bucket length); the decoder stack, the
+chunked head + cross-entropy, the weighted loss and the backward into the adapters run as one replayed graph,
+captured once per padded batch shape. The batch is padded to a multiple of `bucket` tokens (labels -100, masked
+keys) so a run sees a handful of shapes, not one per batch.
+
+Used when all of these hold, else the step runs eagerly, with identical results: CUDA; bf16/fp32 (no fp16
+grad scaler); no images or video in the batch (the vision deepstack has data-dependent shapes); the router's balance
+loss off; a plain linear head; nothing before the decoder trains (frozen embeddings and towers: LoRA). The vocab
+projection then runs on every position, not only the trained ones (static shapes), ~7% more step FLOPs per
+untrained token.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from omnitune.kernels.cuda_graph import GraphedGrads
+from omnitune.kernels.loss import chunked_linear_cross_entropy
+from omnitune.train.loss import IGNORE, weighted_loss
+
+VISION_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+def static_token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """train/loss.token_losses without selecting the trained positions first: same values, static shapes."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    return chunked_linear_cross_entropy(h, head_weight, y).view(labels.shape[0], -1)
+
+
+def pad_to_bucket(t: torch.Tensor, length: int, value: float, dim: int = -1) -> torch.Tensor:
+    """Right-pad `t` along `dim` to `length` with `value`."""
+    extra = length - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+class GraphedTrainStep:
+    """Decoder + loss + backward of a Thinker micro-batch as a CUDA graph per padded shape (module docstring)."""
+
+    def __init__(self, thinker: torch.nn.Module, params: list[torch.nn.Parameter], bucket: int = 512,
+                 max_graphs: int = 16):
+        self.thinker = thinker
+        self.bucket = bucket
+        self.graphs = GraphedGrads(self._loss, params, max_graphs=max_graphs)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.thinker.model.language_model
+
+    def applies(self, inputs: dict, want_router: bool) -> bool:
+        head = self.thinker.lm_head
+        return (torch.cuda.is_available() and inputs["input_ids"].is_cuda and not want_router
+                and not any(inputs.get(k) is not None for k in VISION_KEYS)
+                and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+                and not self.thinker.get_input_embeddings().weight.requires_grad
+                and not any(p.requires_grad for p in self.thinker.model.audio_tower.parameters()))
+
+    def _loss(self, embeds, position_ids, labels, weights, num_items, mask=None):
+        hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                     use_cache=False).last_hidden_state
+        losses = static_token_losses(hidden, self.thinker.lm_head.weight, labels)
+        return weighted_loss(losses, labels, weights if weights.numel() else None, num_items)
+
+    @torch.no_grad()
+    def _embed(self, inputs: dict) -> torch.Tensor:
+        """Token embeddings with the audio tower's features merged in, as the Thinker's own forward does."""
+        model = self.thinker.model
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids)
+        if inputs.get("input_features") is not None:
+            audio = model.get_audio_features(inputs["input_features"], inputs.get("feature_attention_mask"),
+                                             return_dict=True).last_hidden_state
+            _, _, audio_mask = model.get_placeholder_mask(ids, inputs_embeds=embeds)
+            embeds = embeds.masked_scatter(audio_mask, audio.to(embeds.device, embeds.dtype))
+        return embeds
+
+    def __call__(self, inputs: dict, position_ids: torch.Tensor | None,
+                 num_items: torch.Tensor | int | None) -> torch.Tensor:
+        """One micro-step; `position_ids` as the eager path would pass them (packed rows), else None.
+        Gradients are accumulated into the adapters' .grad; returns the loss (a graph output: read it now)."""
+        loss, _ = self.graphs(*self.prepare(inputs, position_ids, num_items))
+        return loss
+
+    def prepare(self, inputs: dict, position_ids: torch.Tensor | None,
+                num_items: torch.Tensor | int | None) -> list[torch.Tensor]:
+        """The eager prefix: the graph's tensor inputs for this batch, padded to the bucket length."""
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        attention_mask = inputs.get("attention_mask")
+        model = self.thinker.model
+        if position_ids is None and attention_mask is None:
+            position_ids = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape)
+        if position_ids is None:
+            fmask = inputs.get("feature_attention_mask")
+            position_ids = model.compute_3d_position_ids(
+                input_ids=ids, image_grid_thw=None, video_grid_thw=None, inputs_embeds=None,
+                attention_mask=attention_mask, past_key_values=None, use_audio_in_video=False,
+                audio_feature_lengths=None if fmask is None else fmask.sum(1), video_second_per_grid=None)
+        length = -(-ids.shape[1] // self.bucket) * self.bucket
+        embeds = pad_to_bucket(self._embed(inputs), length, 0.0, dim=1)
+        labels = pad_to_bucket(labels, length, IGNORE)
+        if attention_mask is None:  # a packed row: the tail is one more "sample" that attends only to itself
+            tail = torch.arange(length - ids.shape[1], device=ids.device, dtype=position_ids.dtype)
+            position_ids = torch.cat([position_ids, tail.expand(position_ids.shape[0], 1, -1)], dim=-1)
+        else:
+            position_ids = pad_to_bucket(position_ids, length, 1)
+            attention_mask = pad_to_bucket(attention_mask, length, 0)
+        text_pos = position_ids[0] if position_ids.shape[0] == 4 else None
+        # the mask the language model would build, built here: its checks read values back to the host
+        mask = create_causal_mask(config=self.language_model.config, inputs_embeds=embeds,
+                                  attention_mask=attention_mask, past_key_values=None, position_ids=text_pos)
+        if mask is None and position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]  # plain causal: the text row would only make it look for packing again
+        weights = inputs.get("sample_weight")
+        weights = pad_to_bucket(weights, length, 0.0) if weights is not None and weights.dim() == 2 else weights
+        weights = weights.float() if weights is not None else embeds.new_zeros(0, dtype=torch.float32)
+        if num_items is None:
+            num_items = (labels[:, 1:] != IGNORE).sum()
+        num_items = torch.as_tensor(num_items, device=embeds.device, dtype=torch.float32)
+        return [embeds, position_ids, labels, weights, num_items] + ([mask] if mask is not None else [])

@@ -1,0 +1,126 @@
+"""The CUDA-graph micro-step (train/graphed_step.py): its eager prefix (embeddings + audio merge, positions, mask,
+bucket padding) and static loss must give the eager trainer's loss and gradients. On CPU GraphedGrads runs the
+same function eagerly, so these tests check everything but the capture itself (bench/ checks that on the GPU)."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from omnitune.data.collate import OmniCollator
+from omnitune.data.synthetic import make_demo_dataset
+from omnitune.recipe import load_recipe
+from omnitune.train.graphed_step import GraphedTrainStep, pad_to_bucket
+from omnitune.train.trainer import PACKED_KEYS, OmniTrainer, packed_position_ids
+
+TEXT_ONLY = {"conversations": [{"role": "user", "content": "Name a warm colour."},
+                               {"role": "assistant", "content": "red"}]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Audio and text-only samples (no vision: those batches stay eager) and the tiny Thinker with non-zero LoRA
+    on attention and experts, everything before the decoder frozen."""
+    from omnitune.data.cache import load_or_prepare
+    from omnitune.model.adapters import apply_adapters
+    from omnitune.model.load import load_processor, load_thinker
+
+    data = tmp_path_factory.mktemp("data")
+    train_file, eval_file = make_demo_dataset(data, n_train=6, n_eval=2, seed=5)
+    with train_file.open("a") as f:
+        f.write(json.dumps(TEXT_ONLY) + "\n")
+    recipe = load_recipe("demo", [f"data.train={train_file}", f"data.eval={eval_file}",
+                                  f"output_dir={tmp_path_factory.mktemp('run')}", "data.workers=1",
+                                  "adapter.targets=[attention,experts]", "adapter.freeze_audio_projector=true",
+                                  "adapter.freeze_vision_merger=true"])
+    processor = load_processor(recipe.model)
+    train_ds, _ = load_or_prepare(recipe, processor)
+    samples = [s for s in (train_ds[i] for i in range(len(train_ds))) if "vision" not in s["modalities"]]
+    assert any("audio" in s["modalities"] for s in samples) and len(samples) >= 2
+    torch.manual_seed(0)
+    model = apply_adapters(load_thinker(recipe.model), recipe.adapter)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op (B = 0): make it change the forward
+                p.normal_(0, 0.05)
+    collate = {packing: OmniCollator(processor.tokenizer.pad_token_id, recipe.train.loss_weights, packing=packing)
+               for packing in (False, True)}
+    return samples, model, collate
+
+
+def grads_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def eager_loss_and_grads(model, batch, tmp_path):
+    trainer = OmniTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    return loss.detach(), grads_of(model)
+
+
+def graphed_loss_and_grads(model, batch, bucket):
+    thinker = model.base_model.model
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad], bucket=bucket)
+    model.zero_grad(set_to_none=True)
+    batch = dict(batch)
+    position_ids = None
+    if "seq_lengths" in batch:
+        position_ids = packed_position_ids(thinker.model, batch, *[batch.pop(k) for k in PACKED_KEYS])
+    loss = step(batch, position_ids, None)
+    return loss.detach(), grads_of(model)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("bucket", [16, 512])
+def test_graphed_step_gives_the_eager_loss_and_lora_grads(setup, tmp_path, packing, bucket):
+    samples, model, collate = setup
+    model.train()
+    batch = collate[packing](samples)
+    assert bucket == 16 or batch["input_ids"].shape[1] < bucket  # 512: most of the row is bucket padding
+    loss_e, g_e = eager_loss_and_grads(model, batch, tmp_path)
+    loss_g, g_g = graphed_loss_and_grads(model, batch, bucket)
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=1e-6)
+    assert g_g.keys() == g_e.keys() and any("experts" in n for n in g_e) and any("q_proj" in n for n in g_e)
+    for name in g_e:
+        torch.testing.assert_close(g_g[name], g_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_graphed_step_accumulates_into_existing_grads_like_backward(setup, tmp_path):
+    samples, model, collate = setup
+    batch = collate[False](samples)
+    _, once = eager_loss_and_grads(model, batch, tmp_path)
+    thinker = model.base_model.model
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad], bucket=32)
+    step(dict(batch), None, None)  # on top of the grads eager_loss_and_grads left in .grad
+    for name, g in grads_of(model).items():
+        torch.testing.assert_close(g, 2 * once[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_graphed_step_applies_only_to_batches_it_can_capture(setup, monkeypatch):
+    samples, model, collate = setup
+    thinker = model.base_model.model
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad])
+    batch = collate[False](samples)
+    assert not step.applies(batch, want_router=False)  # CPU tensors: nothing to capture
+    # the rules themselves, with the device checks answered as on a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    batch["input_ids"] = type("OnGpu", (), {"is_cuda": True})()
+    assert step.applies(batch, want_router=False)
+    assert not step.applies(batch, want_router=True)
+    assert not step.applies({**batch, "pixel_values": torch.zeros(1)}, want_router=False)
+    projector = next(thinker.model.audio_tower.parameters())
+    projector.requires_grad_(True)
+    try:
+        assert not step.applies(batch, want_router=False)
+    finally:
+        projector.requires_grad_(False)
+
+
+def test_pad_to_bucket_pads_the_named_dim_only():
+    t = torch.arange(6).view(1, 2, 3)
+    out = pad_to_bucket(t, 5, -1, dim=-1)
+    assert out.shape == (1, 2, 5) and (out[..., 3:] == -1).all() and torch.equal(out[..., :3], t)
+    assert pad_to_bucket(t, 3, 0) is t
