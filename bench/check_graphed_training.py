@@ -4,7 +4,7 @@ Tiny Qwen3-Omni Thinker (real classes) in bf16 on the GPU, LoRA r8 on attention 
 paths, checkpointing. (1) For padded and packed batches, several batches of one bucket shape: loss and LoRA
 gradients of the graph replay vs OmniTrainer.compute_loss + backward. (2) OmniTrainer.train for 6 optimizer steps
 (batch 4, accumulation 2) with graphs on and off: the logged loss curves. Exits non-zero on a mismatch.
-Usage (GPU machine): PYTHONPATH=/tmp/pp:src python bench/check_graphed_training.py
+Usage (GPU machine): PYTHONPATH=/tmp/pp:src python bench/check_graphed_training.py [--quick]
 """
 from __future__ import annotations
 
@@ -66,15 +66,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def check_step(model, packing: bool) -> float:
+def check_step(model, packing: bool, batch_size: int, mode: str = "global") -> float:
     thinker = model.get_base_model()
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = OmniTrainer(model=model, args=TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[]))
     step = GraphedTrainStep(thinker, params, bucket=512)
+    step.graphs.capture_error_mode = mode
     collate = OmniCollator(0, WEIGHTS, packing=packing)
     worst = 0.0
     for trial in range(4):
-        batch = on_gpu(collate(samples(4, seed=trial)))
+        batch = on_gpu(collate(samples(batch_size, seed=trial)))
         assert step.applies(batch, want_router=False) or not GPU
         model.zero_grad(set_to_none=True)
         loss_e = trainer.compute_loss(model, dict(batch))
@@ -87,7 +88,7 @@ def check_step(model, packing: bool) -> float:
         g_g = [p.grad.clone() for p in params]
         errs = [rel(loss_g, loss_e)] + [rel(a, b) for a, b in zip(g_g, g_e)]
         worst = max(worst, *errs)
-        print(f"packing={packing} batch {trial}: loss eager {loss_e.item():.5f} graph {loss_g.item():.5f}, "
+        print(f"packing={packing} B={batch_size} {mode} batch {trial}: loss eager {loss_e.item():.5f} graph {loss_g.item():.5f}, "
               f"worst grad rel err {max(errs[1:]):.2e}", flush=True)
     print(f"packing={packing}: graphs {len(step.graphs.graphs)}, eager fallbacks {step.graphs.eager_calls}")
     assert not GPU or (len(step.graphs.graphs) == 1 and step.graphs.eager_calls == 0)
@@ -111,13 +112,26 @@ def train_curve(graph_bucket: int | None) -> tuple[list[float], int]:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     model = make_model()
-    worst = max(check_step(model, packing=False), check_step(model, packing=True))
+    worst, failed = 0.0, 0
+    quick = "--quick" in sys.argv  # two step configurations, no trainer run
+    configs = ((False, 1, "global"), (False, 4, "global"), (True, 4, "global"), (False, 4, "thread_local"))
+    for packing, batch_size, mode in configs[::2] if quick else configs:
+        try:
+            worst = max(worst, check_step(model, packing, batch_size, mode))
+        except Exception:  # report every configuration, not only the first failure
+            import traceback
+
+            failed += 1
+            print(f"FAILED packing={packing} B={batch_size} {mode}:\n{traceback.format_exc()[-6000:]}", flush=True)
+    if quick:
+        print(f"worst step rel err {worst:.2e}: {'OK' if not failed and worst < 3e-2 else 'MISMATCH'}")
+        return int(bool(failed) or worst >= 3e-2)
     eager, _ = train_curve(None)
     graphed, n_graphs = train_curve(128)
     curve_err = max(abs(a - b) / abs(b) for a, b in zip(graphed, eager))
     print("trainer eager  ", [round(x, 4) for x in eager])
     print("trainer graphed", [round(x, 4) for x in graphed], f"({n_graphs} graphs)")
-    ok = worst < 3e-2 and len(graphed) == len(eager) == 6 and curve_err < 3e-2 and (n_graphs > 0 or not GPU)
+    ok = not failed and worst < 3e-2 and len(graphed) == len(eager) == 6 and curve_err < 3e-2 and (n_graphs > 0 or not GPU)
     print(f"worst step rel err {worst:.2e}, worst curve rel err {curve_err:.2e}: {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 

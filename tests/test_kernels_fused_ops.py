@@ -7,9 +7,12 @@ from omnitune.kernels.fused_ops import (
     disable_fused_rope,
     enable_fused_norms,
     enable_fused_rope,
+    gather_sum,
     rms_norm,
     swiglu,
     swiglu_reference,
+    weighted_swiglu,
+    weighted_swiglu_reference,
 )
 
 
@@ -55,3 +58,32 @@ def test_fused_rope_patch_keeps_logits_and_is_reversible():
         finally:
             disable_fused_rope()
     assert modeling.apply_rotary_pos_emb is original
+
+
+def test_weighted_swiglu_backward_is_the_gradient_of_its_forward_with_lora_deltas():
+    """The hand-written backward (one fused kernel on CUDA) against autograd of the forward, fp64."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(37, 12, dtype=torch.float64, requires_grad=True)
+    deltas = [torch.randn(37, 12, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    w = torch.rand(37, dtype=torch.float64, requires_grad=True)
+    grad_h = torch.randn(37, 6, dtype=torch.float64)
+    ref = weighted_swiglu_reference(gate_up, w, *deltas)
+    expected = torch.autograd.grad((ref * grad_h).sum(), (gate_up, w, *deltas))
+    out = weighted_swiglu(gate_up, w, *deltas)
+    got = torch.autograd.grad((out * grad_h).sum(), (gate_up, w, *deltas))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    gate, up = (gate_up + deltas[0] + deltas[1]).chunk(2, dim=-1)
+    torch.testing.assert_close(ref, torch.nn.functional.silu(gate) * up * w[:, None])
+
+
+def test_gather_sum_undoes_the_permutation_and_sums_each_tokens_slots():
+    torch.manual_seed(0)
+    tokens, top_k = 5, 3
+    perm = torch.randperm(tokens * top_k)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    rows = [torch.randn(tokens * top_k, 4, dtype=torch.float64) for _ in range(2)]
+    expected = torch.stack([sum(r[inv[t * top_k + k]] for r in rows for k in range(top_k)) for t in range(tokens)])
+    torch.testing.assert_close(gather_sum(inv, top_k, *rows), expected)

@@ -49,8 +49,9 @@ class GraphedGrads:
     """Loss + gradient accumulation of `loss_fn` captured as a CUDA graph per input signature (module docstring)."""
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor | tuple], params: Sequence[torch.Tensor],
-                 max_graphs: int = 16, warmup: int = 2):
+                 max_graphs: int = 16, warmup: int = 2, capture_error_mode: str = "global"):
         self.loss_fn = loss_fn
+        self.capture_error_mode = capture_error_mode  # torch.cuda.graph's: "thread_local" tolerates other threads
         self.params = list(params)
         self.max_graphs = max_graphs
         self.warmup = warmup
@@ -89,13 +90,29 @@ class GraphedGrads:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_error_mode):
             loss, extras, grads = self._forward_backward(static)
             torch._foreach_add_([self.grad_buffers[i] for i in reached], [grads[i] for i in reached])
             del grads
         if self.pool is None:
             self.pool = graph.pool()
         return _Captured(graph, static, (loss, extras), reached)
+
+    def _capture_with_retry(self, inputs: Sequence[torch.Tensor]) -> _Captured:
+        """Capture; once more if that fails. Seen on H100: the first capture of a process with a masked attention
+        backward was invalidated by an implicit legacy-stream dependency (cudaErrorStreamCaptureImplicit), and the
+        same capture succeeded right after. A capture accumulates nothing, so a retry (or, after a second failure,
+        the caller's eager rerun of the step) is safe."""
+        try:
+            return self._capture(inputs)
+        except Exception as e:
+            torch.cuda.synchronize()
+            log.info("CUDA graph capture failed (%s: %s); retrying once", type(e).__name__, e)
+        try:
+            return self._capture(inputs)
+        except Exception as e:
+            torch.cuda.synchronize()
+            raise GraphCaptureError(f"CUDA graph capture failed twice: {type(e).__name__}: {e}") from e
 
     @torch.no_grad()
     def _replay(self, captured: _Captured, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
@@ -123,11 +140,7 @@ class GraphedGrads:
         if captured is None:
             if len(self.graphs) >= self.max_graphs:
                 return self._eager(inputs)
-            try:
-                captured = self._capture(inputs)
-            except Exception as e:  # nothing was accumulated yet: the caller can rerun this step eagerly
-                torch.cuda.synchronize()
-                raise GraphCaptureError(f"CUDA graph capture failed: {type(e).__name__}: {e}") from e
+            captured = self._capture_with_retry(inputs)
             self.graphs[sig] = captured
             log.info("captured a CUDA graph for input shapes %s (%d graphs)", [s for s, _ in sig], len(self.graphs))
         return self._replay(captured, inputs)

@@ -31,11 +31,6 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def weighted_swiglu_reference(gate_up: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up * w per row: the experts' routing weight applied before the (linear) down projection."""
-    return swiglu_reference(gate_up) * row_weight.to(gate_up.dtype)[:, None]
-
-
 _compiled: dict[str, object] = {}
 
 
@@ -59,12 +54,77 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate_up)
 
 
-def weighted_swiglu(gate_up: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """SwiGLU times a per-row weight: one fused kernel each way on CUDA (grads for both inputs)."""
-    if gate_up.is_cuda:
-        return _compiled_fn("weighted_swiglu", weighted_swiglu_reference)(gate_up, row_weight)
-    return weighted_swiglu_reference(gate_up, row_weight)
 
+# ----------------------------------------------------------------------------- the experts' fused elementwise work
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: the math precision of the fused kernels (fp64 stays fp64 in tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _pre_activation(gate_up: torch.Tensor, deltas: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x = _wide(gate_up)
+    for d in deltas:
+        x = x + _wide(d)
+    return x
+
+
+def weighted_swiglu_reference(gate_up: torch.Tensor, row_weight: torch.Tensor, *deltas: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up * w per row, with gate_up = base + LoRA deltas summed in fp32 (never added in memory)."""
+    gate, up = _pre_activation(gate_up, deltas).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up * _wide(row_weight)[:, None]).to(gate_up.dtype)
+
+
+def weighted_swiglu_backward_reference(grad_h: torch.Tensor, gate_up: torch.Tensor, row_weight: torch.Tensor,
+                                       *deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate_up [S, 2I] (also each delta's gradient), d row_weight [S]) of `weighted_swiglu_reference`."""
+    gate, up = _pre_activation(gate_up, deltas).chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    g = _wide(grad_h)
+    w = _wide(row_weight)[:, None]
+    d_up = g * silu * w
+    d_gate = g * up * w * sig * (1 + gate * (1 - sig))
+    d_w = (g * silu * up).sum(dim=-1)
+    return torch.cat([d_gate, d_up], dim=-1).to(gate_up.dtype), d_w.to(row_weight.dtype)
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """One fused kernel each way (CUDA); the gradient of gate_up is shared by the deltas, not copied per delta."""
+
+    @staticmethod
+    def forward(ctx, gate_up, row_weight, *deltas):
+        ctx.save_for_backward(gate_up, row_weight, *deltas)
+        return compiled_on_cuda("weighted_swiglu", weighted_swiglu_reference, gate_up)(gate_up, row_weight, *deltas)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        gate_up, row_weight, *deltas = ctx.saved_tensors
+        fn = compiled_on_cuda("weighted_swiglu_backward", weighted_swiglu_backward_reference, gate_up)
+        d_gate_up, d_w = fn(grad_h.contiguous(), gate_up, row_weight, *deltas)
+        return (d_gate_up, d_w, *([d_gate_up] * len(deltas)))
+
+
+def weighted_swiglu(gate_up: torch.Tensor, row_weight: torch.Tensor, *deltas: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of (gate_up + deltas) times a per-row weight, differentiable in all inputs."""
+    return _WeightedSwiGLU.apply(gate_up, row_weight, *deltas)
+
+
+def gather_sum_reference(index: torch.Tensor, top_k: int, *rows: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k sum_i rows_i[index[t*K + k]] in fp32: undo the expert sort and sum each token's K slots."""
+    acc = _wide(rows[0].index_select(0, index))
+    for r in rows[1:]:
+        acc = acc + _wide(r.index_select(0, index))
+    return acc.view(-1, top_k, acc.shape[-1]).sum(dim=1).to(rows[0].dtype)
+
+
+def gather_sum(index: torch.Tensor, top_k: int, *rows: torch.Tensor) -> torch.Tensor:
+    """`gather_sum_reference` as one fused gather + reduction kernel on CUDA (no [S, H] intermediate)."""
+    return compiled_on_cuda("gather_sum", gather_sum_reference, rows[0])(index, top_k, *rows)
+
+
+def compiled_on_cuda(name: str, fn, like: torch.Tensor):
+    """`fn` compiled into fused kernels when `like` is on CUDA, else `fn` itself (the reference)."""
+    return _compiled_fn(name, fn) if like.is_cuda else fn
 
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)

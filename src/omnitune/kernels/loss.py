@@ -6,12 +6,15 @@ also forms each token's unit hidden gradient (softmax - onehot) @ W while the ch
 backward only scales its rows by the incoming per-token gradient. When the head itself trains, the forward keeps
 the fp32 log-sum-exp per token and the backward recomputes each chunk's logits to accumulate grad_hidden and
 grad_weight (fp32). Peak extra memory is
-one [chunk, V] fp32 block instead of [N, V] bf16 logits + [N, V] fp32 upcast + its softmax.
+one [chunk, V] block instead of [N, V] bf16 logits + [N, V] fp32 upcast + its softmax. On CUDA the frozen-head
+chunk math (log-sum-exp, target logit, softmax - onehot) is one compiled kernel pass over the bf16 logits.
 Labels must already be aligned with `hidden` (shift them before calling for causal LM).
 """
 from __future__ import annotations
 
 import torch
+
+from .fused_ops import compiled_on_cuda
 
 IGNORE_INDEX = -100
 
@@ -30,13 +33,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_hidden_unit = torch.empty_like(hidden) if early_grad else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = (hidden[start:end] @ weight.T).float()  # [c, V] fp32
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            target_logit[start:end] = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
+            logits = hidden[start:end] @ weight.T  # [c, V] in the compute dtype
             if early_grad:
-                grad_logits = _softmax_minus_onehot_(logits, lse[start:end], safe_labels[start:end])
+                ce = compiled_on_cuda("ce_chunk", ce_chunk_reference, logits)
+                lse[start:end], target_logit[start:end], grad_logits = ce(logits, safe_labels[start:end])
                 # ignored tokens: zero their [c, H] rows after the GEMM, not their [c, V] rows before it
-                grad_hidden_unit[start:end] = (grad_logits.to(hidden.dtype) @ weight) * valid[start:end, None]
+                # (where, not a product: an inf/nan row of an ignored token must not leak into the gradient)
+                grad_hidden_unit[start:end] = torch.where(valid[start:end, None], grad_logits @ weight, 0)
+            else:
+                logits = logits.float()
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                target_logit[start:end] = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
         loss = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
         if early_grad:
             ctx.save_for_backward(grad_hidden_unit)
@@ -70,6 +77,18 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def ce_chunk_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's (log-sum-exp, target logit) in fp32 and d CE / d logits = softmax - onehot in the logits' dtype.
+    On CUDA it is compiled into fused kernels that read the [c, V] logits a few times, never upcast them whole."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1)
+    target = x.gather(1, labels[:, None]).squeeze(1)
+    probs = torch.exp(x - lse[:, None])
+    cols = torch.arange(x.shape[1], device=x.device)
+    grad = torch.where(cols[None, :] == labels[:, None], probs - 1.0, probs)
+    return lse, target, grad.to(logits.dtype)
 
 
 def _softmax_minus_onehot_(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

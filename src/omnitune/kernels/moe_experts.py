@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from transformers.integrations.moe import _default_apply_gate
 
-from .fused_ops import weighted_swiglu
+from .fused_ops import gather_sum, weighted_swiglu
 from .grouped_gemm import grouped_mm
 
 # One LoRA adapter on one fused projection: A [E, r, in], B [E, out, r], scaling. Delta W_e = scaling * B_e @ A_e.
@@ -60,7 +60,7 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
 
 
 class _GatherTokens(torch.autograd.Function):
-    """x [T, H] -> x[perm // K] [S, H]; backward gathers back and sums the K copies (no sort, no atomics)."""
+    """x [T, H] -> x[perm // K] [S, H]; backward gathers back and sums the K copies (one fused kernel, no atomics)."""
 
     @staticmethod
     def forward(ctx, x, token_of_row, inv_perm, top_k):
@@ -71,23 +71,24 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (inv_perm,) = ctx.saved_tensors
-        grad = grad_rows.index_select(0, inv_perm)
-        return grad.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+        return gather_sum(inv_perm, ctx.top_k, grad_rows), None, None, None
 
 
 class _SumSlots(torch.autograd.Function):
-    """y [S, H] in expert order (rows already weighted) -> out[t] = sum_k y[inv_perm[t*K + k]]: a gather and a sum
-    over K adjacent rows (fp32 accumulation); backward is one gather of grad_out (no atomics)."""
+    """rows [S, H] in expert order (base output + LoRA deltas, routing weight already applied) ->
+    out[t] = sum_k sum_i rows_i[inv_perm[t*K + k]]: one fused gather + sum; backward is one gather of grad_out,
+    shared by all the rows' tensors."""
 
     @staticmethod
-    def forward(ctx, y, inv_perm, token_of_row, top_k):
+    def forward(ctx, inv_perm, token_of_row, top_k, *rows):
         ctx.save_for_backward(token_of_row)
-        return y.index_select(0, inv_perm).view(-1, top_k, y.shape[-1]).sum(dim=1)
+        return gather_sum(inv_perm, top_k, *rows)
 
     @staticmethod
     def backward(ctx, grad_out):
         (token_of_row,) = ctx.saved_tensors
-        return grad_out.index_select(0, token_of_row), None, None, None
+        grad = grad_out.index_select(0, token_of_row)
+        return (None, None, None, *([grad] * (len(ctx.needs_input_grad) - 3)))
 
 
 # The dense x @ A_all^T trick below costs T*H*E*r MACs against (T*K)*H*r for the grouped product (E/K = 16x more
@@ -98,24 +99,33 @@ DENSE_LORA_A_MAX_COLS = 2048
 
 def grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, loras: Sequence[ExpertLoRA] = (), force_loop: bool = False
-) -> torch.Tensor:
-    """x [S, in] rows grouped by expert -> x @ W_e^T + sum_adapters s * (x @ A_e^T) @ B_e^T, W [E, out, in]."""
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x [S, in] rows grouped by expert -> (x @ W_e^T, [s * (x @ A_e^T) @ B_e^T per adapter]), W [E, out, in].
+    The LoRA deltas come back separate: the next fused kernel adds them while reading (no [S, out] add pass)."""
     y = grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
+    deltas = []
     for lora_a, lora_b, scaling in loras:
         xa = grouped_mm(x, lora_a.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)  # [S, r]
-        # row-major [E, r, out] copy of B: tiny (E*r*out), and the layout the grouped kernel reads fastest
-        b_t = lora_b.to(x.dtype).transpose(-2, -1).contiguous()
-        y = y + grouped_mm(xa * scaling, b_t, offsets, force_loop=force_loop)
-    return y
+        deltas.append(grouped_mm(xa * scaling, _b_rows(lora_b, x.dtype), offsets, force_loop=force_loop))
+    return y, deltas
 
 
-def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up * routing weight of the row. The weight goes in here, not after the down projection: the
-    projection (and its LoRA) is linear, and here it rides along in the fused SwiGLU on [S, I] instead of [S, H]."""
+def _b_rows(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B [E, out, r] as a row-major [E, r, out] stack in the compute dtype: ONE copy (cast and transpose together),
+    tiny (E*r*out), and the layout the grouped kernel reads fastest."""
+    return lora_b.transpose(-2, -1).to(dtype, memory_format=torch.contiguous_format)
+
+
+def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor, row_weight: torch.Tensor,
+                deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """act(gate_up + deltas) (gate * up) * routing weight of the row. The weight goes in here, not after the down
+    projection: the projection (and its LoRA) is linear, and here it rides along in the fused SwiGLU on [S, I]."""
     if type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation") and getattr(
         type(experts), "_apply_gate", _default_apply_gate
     ) is _default_apply_gate:
-        return weighted_swiglu(gate_up, row_weight)  # one fused kernel on CUDA
+        return weighted_swiglu(gate_up, row_weight, *deltas)  # one fused kernel each way on CUDA
+    for d in deltas:
+        gate_up = gate_up + d
     apply_gate = getattr(experts, "_apply_gate", None)
     if apply_gate is not None:
         h = apply_gate(gate_up)
@@ -151,18 +161,19 @@ def moe_experts_forward(
     gate_up_loras = lora.get("gate_up_proj", ())
     dense_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] <= DENSE_LORA_A_MAX_COLS]
     grouped_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] > DENSE_LORA_A_MAX_COLS]
-    gate_up = grouped_linear(x_g, expert_weight(experts, "gate_up_proj"), offsets, grouped_a, force_loop)
+    gate_up, gate_up_deltas = grouped_linear(x_g, expert_weight(experts, "gate_up_proj"), offsets, grouped_a,
+                                             force_loop)
     for lora_a, lora_b, scaling in dense_a:
         # every expert sees the same token rows here, so x @ A^T for ALL experts is one dense GEMM on [T, H]
         # (E*r columns) followed by a gather of each row's own r columns: cheaper than a skinny grouped GEMM.
         num_experts, rank, _ = lora_a.shape
         xa_all = hidden_states @ lora_a.to(hidden_states.dtype).reshape(num_experts * rank, -1).T  # [T, E*r]
         xa = xa_all.view(-1, num_experts, rank)[token_of_row, top_k_index.reshape(-1)[perm]]  # [S, r]
-        b_t = lora_b.to(x_g.dtype).transpose(-2, -1).contiguous()
-        gate_up = gate_up + grouped_mm(xa * scaling, b_t, offsets, force_loop=force_loop)
-    h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm))
-    y = grouped_linear(h, expert_weight(experts, "down_proj"), offsets, lora.get("down_proj", ()), force_loop)
-    return _SumSlots.apply(y, inv_perm, token_of_row, top_k).to(hidden_states.dtype)  # back to token order
+        gate_up_deltas.append(grouped_mm(xa * scaling, _b_rows(lora_b, x_g.dtype), offsets, force_loop=force_loop))
+    h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm), gate_up_deltas)
+    y, y_deltas = grouped_linear(h, expert_weight(experts, "down_proj"), offsets, lora.get("down_proj", ()),
+                                 force_loop)
+    return _SumSlots.apply(inv_perm, token_of_row, top_k, y, *y_deltas).to(hidden_states.dtype)  # token order
 
 
 def omnitune_experts_forward(

@@ -15,6 +15,7 @@ untrained token.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.masking_utils import create_causal_mask
 
 from omnitune.kernels.cuda_graph import GraphedGrads
@@ -22,6 +23,9 @@ from omnitune.kernels.loss import chunked_linear_cross_entropy
 from omnitune.train.loss import IGNORE, weighted_loss
 
 VISION_KEYS = ("pixel_values", "pixel_values_videos")
+ALL_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def static_token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -85,7 +89,12 @@ class GraphedTrainStep:
                  num_items: torch.Tensor | int | None) -> torch.Tensor:
         """One micro-step; `position_ids` as the eager path would pass them (packed rows), else None.
         Gradients are accumulated into the adapters' .grad; returns the loss (a graph output: read it now)."""
-        loss, _ = self.graphs(*self.prepare(inputs, position_ids, num_items))
+        args = self.prepare(inputs, position_ids, num_items)
+        # with a mask tensor, keep SDPA off cuDNN: its masked backward broke the capture of a batch-1 step on H100
+        # (cudaErrorStreamCaptureImplicit). Around the whole call: the checkpoint recompute in the backward must
+        # pick the same kernel as the forward did.
+        with sdpa_kernel(MASKED_SDPA_BACKENDS if len(args) > 5 else ALL_SDPA_BACKENDS):
+            loss, _ = self.graphs(*args)
         return loss
 
     def prepare(self, inputs: dict, position_ids: torch.Tensor | None,
