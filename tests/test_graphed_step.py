@@ -119,6 +119,25 @@ def test_graphed_step_applies_only_to_batches_it_can_capture(setup, monkeypatch)
         projector.requires_grad_(False)
 
 
+def test_right_padding_and_single_packed_samples_need_no_mask_but_left_padding_and_packing_do(setup):
+    samples, model, collate = setup
+    thinker = model.base_model.model
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad], bucket=64)
+
+    def graph_args(batch):
+        batch = dict(batch)
+        pos = packed_position_ids(thinker.model, batch, *[batch.pop(k) for k in PACKED_KEYS]) \
+            if "seq_lengths" in batch else None
+        return step.prepare(batch, pos, None)
+
+    padded = collate[False](samples)
+    assert len(graph_args(padded)) == 5  # no mask input: causal attention only
+    assert len(graph_args(collate[True](samples[:1]))) == 5  # one packed sample + its tail: still one sample
+    assert len(graph_args(collate[True](samples))) == 6  # several samples in a row: the block mask
+    left = dict(padded, attention_mask=padded["attention_mask"].flip(-1))
+    assert not left["attention_mask"].all() and len(graph_args(left)) == 6
+
+
 def test_pad_to_bucket_pads_the_named_dim_only():
     t = torch.arange(6).view(1, 2, 3)
     out = pad_to_bucket(t, 5, -1, dim=-1)

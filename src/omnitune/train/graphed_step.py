@@ -3,8 +3,9 @@
 Split: everything with host syncs or data-dependent shapes runs eagerly first (token embeddings, the audio tower
 and its merge, the M-RoPE positions, the attention mask, padding up to a bucket length); the decoder stack, the
 chunked head + cross-entropy, the weighted loss and the backward into the adapters run as one replayed graph,
-captured once per padded batch shape. The batch is padded to a multiple of `bucket` tokens (labels -100, masked
-keys) so a run sees a handful of shapes, not one per batch.
+captured once per padded batch shape. The batch is padded at the end to a multiple of `bucket` tokens (labels
+-100) so a run sees a handful of shapes, not one per batch; causal attention hides that padding from the real
+tokens, so right-padded batches need no attention mask at all (and get SDPA's fastest causal kernels).
 
 Used when all of these hold, else the step runs eagerly, with identical results: CUDA; bf16/fp32 (no fp16
 grad scaler); no images or video in the batch (the vision deepstack has data-dependent shapes); the router's balance
@@ -114,12 +115,16 @@ class GraphedTrainStep:
         length = -(-ids.shape[1] // self.bucket) * self.bucket
         embeds = pad_to_bucket(self._embed(inputs), length, 0.0, dim=1)
         labels = pad_to_bucket(labels, length, IGNORE)
-        if attention_mask is None:  # a packed row: the tail is one more "sample" that attends only to itself
-            tail = torch.arange(length - ids.shape[1], device=ids.device, dtype=position_ids.dtype)
-            position_ids = torch.cat([position_ids, tail.expand(position_ids.shape[0], 1, -1)], dim=-1)
+        # Padding at the end of a row is invisible to that row's real tokens under causal attention, so it needs
+        # no mask of its own: a right-padded batch (our collator's) runs as plain causal attention, the path the
+        # bench measures, and a packed row's tail continues its last sample's positions (no extra sample).
+        if attention_mask is None:
+            step = torch.arange(1, length - ids.shape[1] + 1, device=ids.device, dtype=position_ids.dtype)
+            position_ids = torch.cat([position_ids, position_ids[..., -1:] + step], dim=-1)
         else:
             position_ids = pad_to_bucket(position_ids, length, 1)
-            attention_mask = pad_to_bucket(attention_mask, length, 0)
+            right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+            attention_mask = None if right_padded else pad_to_bucket(attention_mask, length, 0)
         text_pos = position_ids[0] if position_ids.shape[0] == 4 else None
         # the mask the language model would build, built here: its checks read values back to the host
         mask = create_causal_mask(config=self.language_model.config, inputs_embeds=embeds,
