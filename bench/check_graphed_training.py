@@ -105,6 +105,8 @@ def train_curve(graph_bucket: int | None) -> tuple[list[float], int]:
     trainer = OmniTrainer(model=model, args=args, train_dataset=samples(48, seed=7),
                           data_collator=OmniCollator(0, WEIGHTS), graph_bucket=graph_bucket)
     trainer.train()
+    if graph_bucket is not None:
+        print(trainer.graph_summary())
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return losses, 0 if trainer.graphed is None else len(trainer.graphed.graphs.graphs)
 

@@ -11,7 +11,7 @@ def test_eager_path_accumulates_grads_like_backward_and_returns_extras():
     loss, (extra,) = step(torch.tensor([3.0, 4.0]))
     assert loss.item() == 11.0 and torch.equal(extra, torch.tensor([6.0, 8.0]))
     step(torch.tensor([1.0, 1.0]))
-    assert torch.equal(w.grad, torch.tensor([4.0, 5.0])) and step.eager_calls == 2
+    assert torch.equal(w.grad, torch.tensor([4.0, 5.0])) and step.eager_calls == 2 and step.replays == 0
 
 
 def test_capture_is_retried_once_then_reported(monkeypatch):

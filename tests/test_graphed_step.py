@@ -138,6 +138,20 @@ def test_right_padding_and_single_packed_samples_need_no_mask_but_left_padding_a
     assert not left["attention_mask"].all() and len(graph_args(left)) == 6
 
 
+def test_trainer_reports_how_its_micro_steps_ran(setup, tmp_path):
+    samples, model, collate = setup
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=2, save_strategy="no", remove_unused_columns=False,
+                             disable_tqdm=True)
+    trainer = OmniTrainer(model=model, args=args, train_dataset=samples, data_collator=collate[False],
+                          graph_bucket=64)
+    trainer.train()
+    # on the CPU nothing can be captured: every micro-step ran eagerly, and the line says so
+    assert trainer.graph_summary() == "CUDA graphs: 0 captured, 0 micro-steps replayed, 2 eager"
+    no_graphs = OmniTrainer(model=model, args=args, train_dataset=samples, data_collator=collate[False])
+    assert no_graphs.graph_summary() is None
+
+
 def test_pad_to_bucket_pads_the_named_dim_only():
     t = torch.arange(6).view(1, 2, 3)
     out = pad_to_bucket(t, 5, -1, dim=-1)

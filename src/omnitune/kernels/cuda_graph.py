@@ -59,6 +59,7 @@ class GraphedGrads:
         self.pool = None  # one memory pool for all graphs: they never run at the same time
         self.grad_buffers: list[torch.Tensor] | None = None  # the .grad tensors the graphs accumulate into
         self.eager_calls = 0
+        self.replays = 0
 
     # ------------------------------------------------------------------------------------------------ eager
     def _forward_backward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple, list]:
@@ -128,6 +129,7 @@ class GraphedGrads:
             if p.grad is not None and p.grad is not b:  # grads from an eager micro-step: carry them over
                 b.copy_(p.grad)
         captured.graph.replay()
+        self.replays += 1
         for p, b in zip(params, targets):
             p.grad = b
         return captured.outputs

@@ -197,6 +197,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         console.print("[yellow]interrupted.[/] " + (f"Newest checkpoint: {newest}. Continue with --resume."
                                                     if newest else "No checkpoint was written yet."))
         raise
+    if trainer.graph_summary():
+        console.print(trainer.graph_summary())
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
     save_final(model, processor, run, full=recipe.adapter.method == "full")
     console.print(f"[green]done[/]: {out.global_step} steps, train loss {out.training_loss:.4f}"

@@ -67,6 +67,7 @@ class OmniTrainer(Trainer):
         self.router_aux_coef = router_aux_coef
         self.graph_bucket = graph_bucket
         self.graphed: GraphedTrainStep | None = None  # built at the first step: the optimizer's params are known
+        self.eager_micro_steps = 0  # with graphs on: micro-steps that ran eagerly (images/video, router, ...)
         # Our loss is already normalised by the trained tokens of the whole optimizer step.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -81,6 +82,7 @@ class OmniTrainer(Trainer):
             params = [p for p in model.parameters() if p.requires_grad]
             self.graphed = GraphedTrainStep(thinker, params, bucket=self.graph_bucket)
         if not self.graphed.applies(inputs, want_router=self.router_aux_coef > 0):
+            self.eager_micro_steps += 1
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs_before, inputs = inputs, dict(inputs)
@@ -93,8 +95,17 @@ class OmniTrainer(Trainer):
         except GraphCaptureError as e:
             logger.warning(f"{e}; training continues without CUDA graphs")
             self.graph_bucket = None
+            self.eager_micro_steps += 1
             return super().training_step(model, inputs_before, num_items_in_batch)
         return loss.detach().clone()
+
+    def graph_summary(self) -> str | None:
+        """One line on how the micro-steps ran, when CUDA graphs were on (None otherwise)."""
+        if self.graphed is None:
+            return None
+        g = self.graphed.graphs
+        return (f"CUDA graphs: {len(g.graphs)} captured, {g.replays} micro-steps replayed, "
+                f"{self.eager_micro_steps + g.eager_calls} eager")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
