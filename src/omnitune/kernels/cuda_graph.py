@@ -99,22 +99,6 @@ class GraphedGrads:
             self.pool = graph.pool()
         return _Captured(graph, static, (loss, extras), reached)
 
-    def _capture_with_retry(self, inputs: Sequence[torch.Tensor]) -> _Captured:
-        """Capture; once more if that fails. Seen on H100: the first capture of a process with a masked attention
-        backward was invalidated by an implicit legacy-stream dependency (cudaErrorStreamCaptureImplicit), and the
-        same capture succeeded right after. A capture accumulates nothing, so a retry (or, after a second failure,
-        the caller's eager rerun of the step) is safe."""
-        try:
-            return self._capture(inputs)
-        except Exception as e:
-            torch.cuda.synchronize()
-            log.info("CUDA graph capture failed (%s: %s); retrying once", type(e).__name__, e)
-        try:
-            return self._capture(inputs)
-        except Exception as e:
-            torch.cuda.synchronize()
-            raise GraphCaptureError(f"CUDA graph capture failed twice: {type(e).__name__}: {e}") from e
-
     @torch.no_grad()
     def _replay(self, captured: _Captured, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         for buf, x in zip(captured.inputs, inputs):
@@ -142,7 +126,11 @@ class GraphedGrads:
         if captured is None:
             if len(self.graphs) >= self.max_graphs:
                 return self._eager(inputs)
-            captured = self._capture_with_retry(inputs)
+            try:
+                captured = self._capture(inputs)
+            except Exception as e:  # a capture accumulates nothing: the caller can run this step eagerly instead
+                torch.cuda.synchronize()
+                raise GraphCaptureError(f"CUDA graph capture failed: {type(e).__name__}: {e}") from e
             self.graphs[sig] = captured
             log.info("captured a CUDA graph for input shapes %s (%d graphs)", [s for s, _ in sig], len(self.graphs))
         return self._replay(captured, inputs)

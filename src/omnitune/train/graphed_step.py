@@ -7,11 +7,12 @@ captured once per padded batch shape. The batch is padded at the end to a multip
 -100) so a run sees a handful of shapes, not one per batch; causal attention hides that padding from the real
 tokens, so right-padded batches need no attention mask at all (and get SDPA's fastest causal kernels).
 
-Used when all of these hold, else the step runs eagerly, with identical results: CUDA; bf16/fp32 (no fp16
+Used when all of these hold, else the step runs eagerly (same results, up to bf16 rounding): CUDA; bf16/fp32 (no fp16
 grad scaler); no images or video in the batch (the vision deepstack has data-dependent shapes); the router's balance
 loss off; a plain linear head; nothing before the decoder trains (frozen embeddings and towers: LoRA). The vocab
 projection then runs on every position, not only the trained ones (static shapes), ~7% more step FLOPs per
-untrained token.
+untrained token. Memory: the graphs' pool keeps one step's activation working set reserved, so a run that mixes
+graphed batches with eager ones (images, video) holds both working sets.
 """
 from __future__ import annotations
 
