@@ -221,6 +221,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     # "ours~norms~linear~loss" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
     # whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
     # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
+    # "+qlora" = the experts' weights in 4-bit NF4 (model/qlora.py)
     name = impl
     impl, *off = impl.split("~")
     impl, *extra = impl.split("+")
@@ -243,6 +244,12 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
             K.enable_fused_norms(model)
         if "rope" not in off:
             K.enable_fused_rope()
+        if "qlora" in extra:  # the experts' bf16 stacks replaced by NF4 (model/qlora.py), dequantized per GEMM
+            from omnitune.model.qlora import quantize_experts
+
+            quantize_experts(model)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     chunked_loss = impl == "ours" and "loss" not in off
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -446,7 +453,8 @@ def table(results: list[dict]) -> str:
         impl, *off = r["impl"].split("~")
         impl, *extra = impl.split("+")
         label = "transformers grouped_mm + PEFT" if impl == "peft" else "omnitune" + "".join(
-            {"graph": " + CUDA graph", "sac": " + selective ckpt", "sacmm": " + selective ckpt (GEMMs kept)"}[e]
+            {"graph": " + CUDA graph", "sac": " + selective ckpt", "sacmm": " + selective ckpt (GEMMs kept)",
+             "qlora": " + NF4 experts (QLoRA)"}[e]
             for e in extra) + (f" (no {'/'.join(off)})" if off else "")
         mfu_s = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         rows.append(f"| {r['part']} | {label} | {n} | {r['ms']:.2f} | {r['tok_s']:.0f} | {mfu_s} | "

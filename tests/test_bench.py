@@ -23,3 +23,16 @@ def test_bench_dry_run_measures_both_paths_and_writes_json(tmp_path):
     assert {(r["part"], r["impl"]) for r in results} == {("layer", "peft"), ("layer", "ours"), ("model", "peft"),
                                                          ("model", "ours")}
     assert all("error" not in r for r in results)
+
+
+@pytest.mark.slow
+def test_bench_dry_run_of_the_graphed_selective_and_qlora_variants(tmp_path):
+    env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out")}
+    specs = "model:ours+graph+sac:64:2,model:ours+graph+qlora:64:2"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_moe_lora.py"), "--specs", specs],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "bench_moe_lora.json").read_text())["results"]
+    assert [r["impl"] for r in results] == ["ours+graph+sac", "ours+graph+qlora"]
+    assert all("error" not in r for r in results)
+    assert "| model | omnitune + CUDA graph + NF4 experts (QLoRA) | 64 |" in res.stdout

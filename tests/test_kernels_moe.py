@@ -138,3 +138,23 @@ def test_weight_provider_supplies_the_expert_weights():
     experts.omnitune_weight_provider = provider
     assert torch.allclose(moe_experts_forward(experts, x, idx, w), expected)
     assert calls == ["gate_up_proj", "down_proj"]
+
+
+def test_provided_weights_are_rebuilt_for_the_backward_not_saved():
+    experts, x, idx, w, _ = make_case()
+    experts.requires_grad_(False)
+    x.requires_grad_(True)
+    expected = torch.autograd.grad(moe_experts_forward(experts, x, idx, w).sum(), x)[0]
+    stored = {n: getattr(experts, n).detach().clone() for n in ("gate_up_proj", "down_proj")}
+    calls = []
+
+    def provider(module, name):
+        calls.append(name)
+        return stored[name]
+
+    experts.omnitune_weight_provider = provider
+    out = moe_experts_forward(experts, x, idx, w)
+    assert calls == ["gate_up_proj", "down_proj"]
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert sorted(calls) == ["down_proj", "down_proj", "gate_up_proj", "gate_up_proj"]  # once more each for dX
+    torch.testing.assert_close(grad, expected)

@@ -66,7 +66,8 @@ class DataConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="qlora: LoRA with the frozen fused-expert weights stored in 4-bit NF4 (model/qlora.py)")
     rank: int = Field(64, gt=0)
     alpha: float = Field(128, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -81,10 +82,10 @@ class AdapterConfig(_Section):
 
     @model_validator(mode="after")
     def _dropout_with_experts(self) -> "AdapterConfig":
-        if self.method == "lora" and self.dropout > 0 and ({"experts", "router"} & set(self.targets)):
+        if self.method != "full" and self.dropout > 0 and ({"experts", "router"} & set(self.targets)):
             raise ValueError("adapter.dropout must be 0 when adapter.targets has experts or router "
                              "(PEFT's parameter LoRA has no dropout)")
-        if self.method == "lora" and not (self.targets or self.modules):
+        if self.method != "full" and not (self.targets or self.modules):
             raise ValueError("adapter.targets and adapter.modules are both empty: LoRA would train nothing")
         return self
 
@@ -151,6 +152,13 @@ class Recipe(_Section):
         if not v or "/" in v:
             raise ValueError("name must be non-empty and contain no '/'")
         return v
+
+    @model_validator(mode="after")
+    def _qlora_needs_the_omnitune_experts(self) -> "Recipe":
+        if self.adapter.method == "qlora" and self.model.experts != "omnitune":
+            raise ValueError("adapter.method=qlora needs model.experts=omnitune: only that experts path "
+                             "dequantizes the 4-bit expert weights")
+        return self
 
     def resolve(self, path: str | None) -> Path | None:
         """A path from the recipe, relative to the recipe file's directory."""

@@ -15,9 +15,10 @@ W + BA is never formed. Gradients come from autograd through the grouped GEMMs, 
 weight gets no weight-gradient GEMM at all.
 
 Quantized experts (QLoRA) seam: set `experts.omnitune_weight_provider = fn` where `fn(experts, name)` returns the
-[E, out, in] compute-dtype stack for `name` in ("gate_up_proj", "down_proj"), e.g. dequantized 4-bit blocks. It is
-called once per projection inside the forward (and again in the recompute under gradient checkpointing), so the
-dequantized stack lives only while that layer runs. LoRA factors are passed separately and are unaffected.
+[E, out, in] compute-dtype stack for `name` in ("gate_up_proj", "down_proj"), e.g. dequantized 4-bit blocks
+(model/qlora.py). Provided weights are frozen: the forward calls the provider per projection and the backward calls
+it again for dX instead of saving the stack, so a dequantized stack lives only while one GEMM reads it. LoRA
+factors are passed separately and are unaffected.
 
 Registered with transformers as experts implementation "omnitune":
 `model.set_experts_implementation("omnitune")` or `from_pretrained(..., experts_implementation="omnitune")`.
@@ -98,16 +99,39 @@ DENSE_LORA_A_MAX_COLS = 2048
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, loras: Sequence[ExpertLoRA] = (), force_loop: bool = False
+    experts: torch.nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, loras: Sequence[ExpertLoRA] = (),
+    force_loop: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """x [S, in] rows grouped by expert -> (x @ W_e^T, [s * (x @ A_e^T) @ B_e^T per adapter]), W [E, out, in].
+    """x [S, in] rows grouped by expert -> (x @ W_e^T, [s * (x @ A_e^T) @ B_e^T per adapter]), W = experts.<name>.
     The LoRA deltas come back separate: the next fused kernel adds them while reading (no [S, out] add pass)."""
-    y = grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
+    if getattr(experts, "omnitune_weight_provider", None) is not None:
+        y = _ProvidedWeightMM.apply(x, offsets, experts, name, force_loop)
+    else:
+        weight = getattr(experts, name)
+        y = grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
     deltas = []
     for lora_a, lora_b, scaling in loras:
         xa = grouped_mm(x, lora_a.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)  # [S, r]
         deltas.append(grouped_mm(xa * scaling, _b_rows(lora_b, x.dtype), offsets, force_loop=force_loop))
     return y, deltas
+
+
+class _ProvidedWeightMM(torch.autograd.Function):
+    """x @ W_e^T with W from the weight provider (frozen, e.g. dequantized NF4). W is rebuilt in the backward, not
+    saved: a layer's dequantized experts live only while a GEMM reads them, with or without checkpointing."""
+
+    @staticmethod
+    def forward(ctx, x, offsets, experts, name, force_loop):
+        ctx.save_for_backward(offsets)
+        ctx.experts, ctx.name, ctx.force_loop = experts, name, force_loop
+        weight = expert_weight(experts, name)
+        return grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (offsets,) = ctx.saved_tensors
+        weight = expert_weight(ctx.experts, ctx.name).to(grad_out.dtype)  # [E, out, in]: dX = dY @ W_e
+        return grouped_mm(grad_out, weight, offsets, force_loop=ctx.force_loop), None, None, None, None
 
 
 def _b_rows(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -161,8 +185,7 @@ def moe_experts_forward(
     gate_up_loras = lora.get("gate_up_proj", ())
     dense_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] <= DENSE_LORA_A_MAX_COLS]
     grouped_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] > DENSE_LORA_A_MAX_COLS]
-    gate_up, gate_up_deltas = grouped_linear(x_g, expert_weight(experts, "gate_up_proj"), offsets, grouped_a,
-                                             force_loop)
+    gate_up, gate_up_deltas = grouped_linear(experts, "gate_up_proj", x_g, offsets, grouped_a, force_loop)
     for lora_a, lora_b, scaling in dense_a:
         # every expert sees the same token rows here, so x @ A^T for ALL experts is one dense GEMM on [T, H]
         # (E*r columns) followed by a gather of each row's own r columns: cheaper than a skinny grouped GEMM.
@@ -171,8 +194,7 @@ def moe_experts_forward(
         xa = xa_all.view(-1, num_experts, rank)[token_of_row, top_k_index.reshape(-1)[perm]]  # [S, r]
         gate_up_deltas.append(grouped_mm(xa * scaling, _b_rows(lora_b, x_g.dtype), offsets, force_loop=force_loop))
     h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm), gate_up_deltas)
-    y, y_deltas = grouped_linear(h, expert_weight(experts, "down_proj"), offsets, lora.get("down_proj", ()),
-                                 force_loop)
+    y, y_deltas = grouped_linear(experts, "down_proj", h, offsets, lora.get("down_proj", ()), force_loop)
     return _SumSlots.apply(inv_perm, token_of_row, top_k, y, *y_deltas).to(hidden_states.dtype)  # token order
 
 

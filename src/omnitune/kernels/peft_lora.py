@@ -37,11 +37,10 @@ def _chain(wrapper: ParamWrapper) -> tuple[list[ParamWrapper], torch.nn.Module]:
 
 
 def _is_fused_experts(module: torch.nn.Module) -> bool:
-    return (
-        all(getattr(module, p, None) is not None and getattr(module, p).dim() == 3 for p in PROJECTIONS)
-        and hasattr(module, "num_experts")
-        and not getattr(module, "is_transposed", False)
-    )
+    # a weight provider (e.g. NF4 experts, model/qlora.py) stands in for [E, out, in] parameters
+    stacks = getattr(module, "omnitune_weight_provider", None) is not None or all(
+        getattr(module, p, None) is not None and getattr(module, p).dim() == 3 for p in PROJECTIONS)
+    return stacks and hasattr(module, "num_experts") and not getattr(module, "is_transposed", False)
 
 
 def expert_lora_factors(wrapper: ParamWrapper, adapter: str) -> ExpertLoRA:

@@ -94,7 +94,8 @@ def _unfrozen_towers(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Wrap the Thinker for training as the recipe says; returns a PeftModel (LoRA) or the model (full)."""
+    """Wrap the Thinker for training as the recipe says; returns a PeftModel (LoRA, QLoRA) or the model (full).
+    QLoRA's experts are quantized afterwards (model/qlora.py), on the device they will train on."""
     if cfg.method == "full":
         return _apply_full(model, cfg)
     modules, params = lora_targets(model, cfg)

@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from omnitune.model.adapters import apply_adapters, trainable_summary
 from omnitune.model.load import load_processor, load_thinker
+from omnitune.model.qlora import quantize_experts
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.train.trainer import MetricsLog, OmniTrainer
@@ -45,7 +46,7 @@ def absolute_recipe(recipe: Recipe) -> Recipe:
 
 def router_aux_coef(recipe: Recipe, thinker: torch.nn.Module) -> float:
     """The balance-loss coefficient, used only when router weights train (LoRA on router, or full FT of the LLM)."""
-    trains_router = ("router" in recipe.adapter.targets if recipe.adapter.method == "lora"
+    trains_router = ("router" in recipe.adapter.targets if recipe.adapter.method != "full"
                      else not recipe.adapter.freeze_llm)
     if not trains_router:
         return 0.0
@@ -57,7 +58,7 @@ def uses_cuda_graphs(recipe: Recipe) -> bool:
     """CUDA graphs need a step without RNG state to restore and without an fp16 grad scaler (train/graphed_step.py)."""
     t = recipe.train
     return (t.cuda_graphs and torch.cuda.is_available() and t.precision != "fp16"
-            and (recipe.adapter.method != "lora" or recipe.adapter.dropout == 0))
+            and (recipe.adapter.method == "full" or recipe.adapter.dropout == 0))
 
 
 def checkpoint_kwargs(recipe: Recipe) -> dict:
@@ -123,7 +124,7 @@ def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) 
         return
     from omnitune import kernels
 
-    if recipe.adapter.method == "lora":
+    if recipe.adapter.method != "full":
         counts = kernels.enable_fast_lora(model)
         console.print(f"fast LoRA paths: {counts}")
     if torch.cuda.is_available():
@@ -173,8 +174,16 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     processor = load_processor(recipe.model)
     train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
     set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run
-    thinker = load_thinker(recipe.model, device_map={"": 0} if torch.cuda.is_available() else None)
+    qlora = recipe.adapter.method == "qlora"
+    gpu = torch.cuda.is_available()
+    # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
+    # (~54 GiB for the real Thinker) never have to fit on the card
+    thinker = load_thinker(recipe.model, device_map={"": 0} if gpu and not qlora else None)
     model = apply_adapters(thinker, recipe.adapter)
+    if qlora:
+        before, after = quantize_experts(model, device="cuda" if gpu else None)
+        model.to("cuda" if gpu else "cpu")
+        console.print(f"QLoRA: expert weights in 4-bit NF4, {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
     enable_fast_paths(model, recipe, console)
     enable_selective_checkpointing(model, recipe)
     print_summary(model, console)

@@ -1,0 +1,91 @@
+"""QLoRA: NF4 block quantization, experts that run on NF4 weights through the omnitune path, and `omnitune train`
+with adapter.method=qlora end to end on the tiny model."""
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from test_kernels_peft import batch, lora_config, tiny_thinker
+from test_train import demo_data, small_recipe  # noqa: F401  (fixture)
+
+from omnitune.kernels import enable_fast_lora
+from omnitune.kernels.nf4 import BLOCK, NF4_CODES, dequantize_nf4, quantize_nf4
+from omnitune.model.qlora import quantize_experts, quantized_experts
+from omnitune.recipe import RecipeError, load_recipe
+
+
+def test_nf4_round_trips_grid_values_exactly_and_gaussians_to_nf4_precision():
+    torch.manual_seed(0)
+    scales = torch.rand(6, 1) * 3 + 0.1
+    on_grid = (torch.tensor(NF4_CODES)[torch.randint(0, 16, (6, BLOCK))] * scales)
+    on_grid[:, 0] = scales[:, 0]  # every block holds its absmax
+    assert torch.equal(dequantize_nf4(quantize_nf4(on_grid)), on_grid)
+    w = torch.randn(4, 96, 128, dtype=torch.bfloat16)
+    q = quantize_nf4(w)
+    back = dequantize_nf4(q)
+    assert back.shape == w.shape and back.dtype == torch.bfloat16
+    assert float((back.float() - w.float()).norm() / w.float().norm()) < 0.12
+    assert q.nbytes() < 0.3 * w.numel() * w.element_size()  # 0.5625 of 2 bytes per weight
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_nf4(torch.randn(3, 7))
+
+
+def _lora_model():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_thinker("omnitune"), lora_config())
+    enable_fast_lora(model)
+    return model
+
+
+def test_nf4_experts_compute_exactly_what_the_dequantized_bf16_experts_would():
+    model = _lora_model()
+    reference = copy.deepcopy(model)
+    before, after = quantize_experts(model)
+    assert quantized_experts(model) == 2 and after < 0.3 * before
+    swapped = 0
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
+        if ".experts." in name and name.endswith((".gate_up_proj", ".down_proj")):  # under PEFT's base_layer(s)
+            assert p.numel() == 0  # the bf16 stack is gone
+            swapped += 1
+            experts = model.get_submodule(name.rsplit(".", 1)[0])
+            with torch.no_grad():  # the reference gets the same rounded weights, as ordinary parameters
+                p_ref.copy_(experts.omnitune_weight_provider(experts, name.rsplit(".", 1)[1]))
+    assert swapped == 4
+    inputs = batch()
+    out, out_ref = model(**inputs), reference(**inputs)
+    torch.testing.assert_close(out.logits, out_ref.logits)
+    out.loss.backward()
+    out_ref.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and any("experts" in n and "lora_B" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
+
+
+def test_a_trained_expert_weight_is_not_quantized():
+    model = tiny_thinker("omnitune").requires_grad_(False)
+    model.model.language_model.layers[0].mlp.experts.gate_up_proj.requires_grad_(True)
+    with pytest.raises(ValueError, match="QLoRA keeps the experts frozen"):
+        quantize_experts(model)
+
+
+def test_qlora_needs_the_omnitune_experts_path():
+    with pytest.raises(RecipeError, match="model.experts=omnitune"):
+        load_recipe("demo", ["adapter.method=qlora", "model.experts=grouped_mm"])
+    assert load_recipe("demo", ["adapter.method=qlora"]).adapter.method == "qlora"
+
+
+def test_train_with_qlora_writes_an_adapter_that_loads_on_the_bf16_base(demo_data, tmp_path):  # noqa: F811
+    from omnitune.model.load import load_thinker
+    from omnitune.train.run import train
+
+    recipe = small_recipe(demo_data, tmp_path / "run", "adapter.method=qlora", "train.max_steps=2")
+    result = train(recipe)
+    assert result.global_step == 2 and result.train_loss == result.train_loss  # finite, not NaN
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+    base = load_thinker(recipe.model)
+    tuned = PeftModel.from_pretrained(base, str(adapter))
+    assert any("experts" in n and "lora_A" in n for n, _ in tuned.named_parameters())
+    assert quantized_experts(tuned) == 0  # the bf16 base: the adapter is an ordinary LoRA adapter
