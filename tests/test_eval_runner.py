@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
@@ -101,6 +102,27 @@ def test_evaluate_compares_base_and_writes_predictions_report_and_plots(lora_run
     console.print(scores_table(report))
     text = console.export_text()
     assert "wer" in text and "samples/s" in text and "2 left out" in text
+
+
+def test_compare_base_loads_the_base_once_and_predicts_like_separately_loaded_models(lora_run_dir, eval_file,
+                                                                                      monkeypatch):
+    import omnitune.infer as infer
+
+    src = resolve_source(lora_run_dir)
+    proc = load_generation_processor(src)
+    records = read_eval_records(eval_file, "instruct")[0][:4]
+    expected = {label: [p for _, p in generate_predictions(load_model(s, speech=False), proc, records, src.data,
+                                                           batch_size=4, max_new_tokens=4)]
+                for label, s in (("base", replace(src, weights=None)), ("tuned", src))}
+    assert expected["base"] != expected["tuned"]
+    loads = []
+    real = infer.load_thinker
+    monkeypatch.setattr(infer, "load_thinker", lambda *a, **k: loads.append(1) or real(*a, **k))
+    report = evaluate(lora_run_dir, eval_file, "qa", compare_base=True, on_error="skip", write=False,
+                      max_new_tokens=4, batch_size=4, limit=4)
+    assert len(loads) == 1  # the base, once: the adapter is merged into it for the tuned run
+    for label in ("base", "tuned"):
+        assert [s["prediction"] for s in report.results[label].samples] == expected[label]
 
 
 def test_free_task_reports_loss_and_perplexity(lora_run_dir, eval_file, tmp_path):

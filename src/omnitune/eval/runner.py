@@ -23,8 +23,8 @@ from omnitune.data.render import IGNORE, render
 from omnitune.data.schema import Record, RecordError, read_records
 from omnitune.eval import metrics
 from omnitune.errors import OmnituneError
-from omnitune.infer import (Source, collate_prompts, encode_prompt, load_generation_processor, load_model,
-                            resolve_source, split_thinking)
+from omnitune.infer import (Source, apply_weights, collate_prompts, encode_prompt, load_generation_processor,
+                            load_model, resolve_source, split_thinking)
 from omnitune.recipe import DataConfig, Recipe
 from omnitune.train.loss import token_losses as per_token_ce
 
@@ -237,8 +237,14 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
     runs.append(("tuned" if src.weights else "model", src))
     results: dict[str, ModelResult] = {}
     render_bad: list[RecordError] = []
+    # base vs a LoRA: load the base once, score it, then merge the adapter into it (one load of ~60 GB, not two)
+    merge_into_base = compare_base and src.weights is not None and src.weights[0] != "model"
+    model = None
     for label, s in runs:
-        model = load_model(s, speech=False, device_map={"": 0} if torch.cuda.is_available() else None)
+        if model is not None and merge_into_base:
+            model = apply_weights(model, s, merge=True).eval()
+        else:
+            model = load_model(s, speech=False, device_map={"": 0} if torch.cuda.is_available() else None)
         errors: list[RecordError] = []
         try:
             results[label] = _score_model(label, task, model, processor, records, src.data, batch_size,
@@ -247,10 +253,11 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
             raise EvalError(f"{e}\n(data.on_error=fail: fix the record, or pass on_error='skip' "
                             "(--set data.on_error=skip) to score the rest)") from None
         render_bad = render_bad or errors  # the same records fail for every model
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if not merge_into_base or label != "base":
+            model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     bad += render_bad
 
     kept = {(r.file, r.line) for r in records} - {(e.file, e.line) for e in bad}
