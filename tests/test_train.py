@@ -122,13 +122,13 @@ def test_a_crash_while_saving_leaves_no_checkpoint_that_resume_would_trust(demo_
         train(small_recipe(demo_data, tmp_path / "run"), resume=True)
 
 
-def test_multi_gpu_settings_are_refused_until_supported(demo_data, tmp_path, monkeypatch):
+def test_sharded_strategies_and_unsynchronised_launches_are_refused(demo_data, tmp_path, monkeypatch):
     from omnitune.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="distributed.strategy"):
         small_recipe(demo_data, tmp_path, "distributed.strategy=fsdp")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RecipeError, match="not supported yet"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun without distributed.strategy=ddp: copies that never sync
+    with pytest.raises(RecipeError, match="set distributed.strategy=ddp"):
         train(small_recipe(demo_data, tmp_path))
 
 

@@ -124,8 +124,10 @@ class TrainConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    """Multi-GPU training is not available yet: one GPU (or the CPU) per run."""
-    strategy: Literal["none"] = Field("none", description="only 'none': FSDP / DeepSpeed are not supported yet")
+    """How a multi-process launch (torchrun) trains: data parallel copies of the model, one per GPU."""
+    strategy: Literal["none", "ddp"] = Field(
+        "none", description="ddp: launch with torchrun, one process per GPU, each holding the whole model "
+        "(gradients all-reduced); FSDP / DeepSpeed sharding is not supported yet")
 
 
 class LogConfig(_Section):

@@ -154,6 +154,9 @@ def tiny_checkpoint(cache_root: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
     try:
         save_tiny_checkpoint(tmp)
+        if not (tmp / "config.json").exists():  # transformers writes weights from distributed rank 0 only
+            raise RuntimeError("the tiny checkpoint was built on a non-main distributed process, which writes no "
+                               "weights: build it on the main process first")
         (tmp / "DONE").write_text("ok\n")
         try:
             tmp.rename(final)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 from transformers import TrainingArguments, set_seed
@@ -54,16 +55,28 @@ def router_aux_coef(recipe: Recipe, thinker: torch.nn.Module) -> float:
     return float(coef if coef is not None else thinker.config.text_config.router_aux_loss_coef)
 
 
+def world_size() -> int:
+    """Processes in this launch (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def uses_cuda_graphs(recipe: Recipe) -> bool:
-    """CUDA graphs need a step without RNG state to restore and without an fp16 grad scaler (train/graphed_step.py)."""
+    """CUDA graphs need a step without RNG state to restore and without an fp16 grad scaler (train/graphed_step.py),
+    and one process: DDP's gradient all-reduce is driven from the host during the backward."""
     t = recipe.train
-    return (t.cuda_graphs and torch.cuda.is_available() and t.precision != "fp16"
+    return (t.cuda_graphs and torch.cuda.is_available() and t.precision != "fp16" and world_size() == 1
             and (recipe.adapter.method == "full" or recipe.adapter.dropout == 0))
 
 
 def checkpoint_kwargs(recipe: Recipe) -> dict:
     # a graph capture cannot save/restore the CUDA RNG state; with no dropout there is nothing to restore
     return {"use_reentrant": False, "preserve_rng_state": not uses_cuda_graphs(recipe)}
+
+
+def trains_a_tower(recipe: Recipe) -> bool:
+    """Whether an audio/vision component trains, which only some batches (those with that modality) reach."""
+    a = recipe.adapter
+    return not (a.freeze_audio_tower and a.freeze_audio_projector and a.freeze_vision_tower and a.freeze_vision_merger)
 
 
 def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingArguments:
@@ -90,6 +103,8 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingA
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
+        # DDP: towers trained in full (modules_to_save) get no gradient from batches without their modality
+        ddp_find_unused_parameters=trains_a_tower(recipe) if world_size() > 1 else None,
     )
 
 
@@ -155,10 +170,15 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     from omnitune.data.cache import load_or_prepare
     from omnitune.data.collate import OmniCollator
 
+    if world_size() > 1 and recipe.distributed.strategy != "ddp":
+        raise RecipeError(f"launched as {world_size()} processes (torchrun / accelerate launch): set "
+                          "distributed.strategy=ddp to train data parallel, or launch one process")
+    # joins the process group under torchrun (a no-op for one process); cpu= as the Trainer will ask for it, or
+    # accelerate takes a CPU launch for a single process and every process believes it is the main one
+    state = PartialState(cpu=not torch.cuda.is_available())
     console = console or Console()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RecipeError("multi-process training (torchrun / accelerate launch) is not supported yet: the loss "
-                          "runs the Thinker outside the DDP/FSDP wrapper. Train on one GPU.")
+    if not state.is_main_process:
+        console = Console(quiet=True)  # one process reports
     recipe = absolute_recipe(recipe)
     run = RunDir(recipe.out)
     last = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
@@ -169,20 +189,23 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
                               f"continue, or choose another output_dir (--set output_dir=...)")
     if resume:
         check_same_run(run, recipe)
-    run.save_recipe(recipe)
+    if state.is_main_process:
+        run.save_recipe(recipe)
 
-    processor = load_processor(recipe.model)
-    train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
-    set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run
+    with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
+        processor = load_processor(recipe.model)
+        train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
+    set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run (every process)
     qlora = recipe.adapter.method == "qlora"
     gpu = torch.cuda.is_available()
+    device = f"cuda:{state.local_process_index}" if gpu else "cpu"
     # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
     # (~54 GiB for the real Thinker) never have to fit on the card
-    thinker = load_thinker(recipe.model, device_map={"": 0} if gpu and not qlora else None)
+    thinker = load_thinker(recipe.model, device_map={"": device} if gpu and not qlora else None)
     model = apply_adapters(thinker, recipe.adapter)
     if qlora:
-        before, after = quantize_experts(model, device="cuda" if gpu else None)
-        model.to("cuda" if gpu else "cpu")
+        before, after = quantize_experts(model, device=device if gpu else None)
+        model.to(device)
         console.print(f"QLoRA: expert weights in 4-bit NF4, {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
     enable_fast_paths(model, recipe, console)
     enable_selective_checkpointing(model, recipe)
@@ -209,7 +232,9 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     if trainer.graph_summary():
         console.print(trainer.graph_summary())
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
-    save_final(model, processor, run, full=recipe.adapter.method == "full")
+    if state.is_main_process:
+        save_final(model, processor, run, full=recipe.adapter.method == "full")
+    state.wait_for_everyone()
     console.print(f"[green]done[/]: {out.global_step} steps, train loss {out.training_loss:.4f}"
                   + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "") + f" -> {run.root}")
     return TrainResult(run, out.global_step, out.training_loss, eval_loss)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -108,6 +109,26 @@ class OmniTrainer(Trainer):
                 f"{self.eager_micro_steps + g.eager_calls} eager")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(model, DistributedDataParallel):
+            # Through the DDP wrapper, so that its gradient all-reduce is armed for this backward: our loss runs
+            # as the wrapped module's forward for the length of this call.
+            outputs: dict[str, Any] = {}
+
+            def forward(**batch):
+                loss, outputs["out"] = self._loss(model.module, batch, num_items_in_batch)
+                return loss
+
+            model.module.forward = forward  # an instance attribute shadows the class's forward
+            try:
+                loss = model(**inputs)
+            finally:
+                del model.module.forward
+            return (loss, outputs["out"]) if return_outputs else loss
+        loss, out = self._loss(model, inputs, num_items_in_batch)
+        return (loss, out) if return_outputs else loss
+
+    def _loss(self, model, inputs, num_items_in_batch):
+        """(loss, Thinker outputs) of one batch: weighted token CE (+ router balance loss when it trains)."""
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         sample_weight = inputs.pop("sample_weight", None)
@@ -125,28 +146,32 @@ class OmniTrainer(Trainer):
             # The aux term is per micro-batch: scale it so gradient accumulation sums to one coefficient.
             steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             loss = loss + self.router_aux_coef * aux.to(loss.device) / steps
-        return (loss, out) if return_outputs else loss
+        return loss, out
 
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N in a staging dir, then rename it into place: a crash never leaves a partial one."""
         final_root = Path(self._get_output_dir(trial=trial))
         staging = final_root / ".staging"
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # every process writes into staging (RNG states per rank)
         original = self._get_output_dir
         self._get_output_dir = lambda trial=None: str(staging)  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._get_output_dir = original  # type: ignore[method-assign]
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        target = final_root / name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-        shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # ... and has finished before the main process renames it
         if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            target = final_root / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=str(final_root), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
 
 
 class MetricsLog(TrainerCallback):
