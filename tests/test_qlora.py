@@ -76,16 +76,44 @@ def test_qlora_needs_the_omnitune_experts_path():
     assert load_recipe("demo", ["adapter.method=qlora"]).adapter.method == "qlora"
 
 
-def test_train_with_qlora_writes_an_adapter_that_loads_on_the_bf16_base(demo_data, tmp_path):  # noqa: F811
-    from omnitune.model.load import load_thinker
+@pytest.fixture(scope="module")
+def qlora_run(demo_data, tmp_path_factory):  # noqa: F811
     from omnitune.train.run import train
 
-    recipe = small_recipe(demo_data, tmp_path / "run", "adapter.method=qlora", "train.max_steps=2")
-    result = train(recipe)
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    result = train(small_recipe(demo_data, out, "adapter.method=qlora", "train.max_steps=2"))
     assert result.global_step == 2 and result.train_loss == result.train_loss  # finite, not NaN
-    adapter = tmp_path / "run" / "adapter"
+    return out
+
+
+def test_train_with_qlora_writes_an_adapter_that_loads_on_the_bf16_base(qlora_run):
+    from omnitune.infer import resolve_source
+    from omnitune.model.load import load_thinker
+
+    adapter = qlora_run / "adapter"
     assert (adapter / "adapter_model.safetensors").exists()
-    base = load_thinker(recipe.model)
-    tuned = PeftModel.from_pretrained(base, str(adapter))
+    tuned = PeftModel.from_pretrained(load_thinker(resolve_source(qlora_run).model), str(adapter))
     assert any("experts" in n and "lora_A" in n for n, _ in tuned.named_parameters())
     assert quantized_experts(tuned) == 0  # the bf16 base: the adapter is an ordinary LoRA adapter
+
+
+def test_text_generation_of_a_qlora_run_uses_its_nf4_thinker_with_the_adapter_unmerged(qlora_run, demo_data):  # noqa: F811
+    from omnitune.eval.runner import evaluate
+    from omnitune.infer import load_model, resolve_source
+    from omnitune.model.load import load_thinker
+
+    src = resolve_source(qlora_run)
+    assert src.nf4_experts
+    model = load_model(src, speech=False)
+    assert isinstance(model, PeftModel) and quantized_experts(model) == 2
+    # the reference: the bf16 base with its experts rounded the same way, the adapter unmerged on top
+    reference = PeftModel.from_pretrained(load_thinker(src.model), str(qlora_run / "adapter")).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if ".experts." in name and name.endswith((".gate_up_proj", ".down_proj")):
+                p.copy_(dequantize_nf4(quantize_nf4(p)))
+    ids = torch.randint(10, 5000, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    report = evaluate(qlora_run, demo_data[1], "qa", compare_base=True, write=False, max_new_tokens=3, limit=2)
+    assert list(report.results) == ["base", "tuned"]

@@ -51,6 +51,7 @@ class Source:
     weights: tuple[str, Path] | None = None  # ('adapter', dir) or ('model', dir): applied on top of model.path
     processor_dir: Path | None = None
     label: str = ""
+    nf4_experts: bool = False  # a QLoRA run: generate text with its Thinker as it trained (model/qlora.py)
 
     @property
     def variant(self) -> str:
@@ -103,7 +104,8 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
     # Data paths in a recipe are relative to its file: make them absolute while the recipe still knows where.
     data = recipe.data.model_copy(update={k: str(recipe.resolve(getattr(recipe.data, k)))
                                           for k in ("train", "eval") if getattr(recipe.data, k)})
-    return Source(model=model, data=data, weights=weights, processor_dir=processor_dir, label=label)
+    return Source(model=model, data=data, weights=weights, processor_dir=processor_dir, label=label,
+                  nf4_experts=recipe.adapter.method == "qlora")
 
 
 def load_generation_processor(src: Source):
@@ -137,9 +139,14 @@ def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | 
     """The Thinker (speech off) or the full model (speech on), with the source's trained weights applied.
 
     LoRA is merged by default (generation then runs at base speed); a full fine-tune's Thinker replaces the base
-    Thinker of the full model.
+    Thinker of the full model. A QLoRA run's Thinker (text only) keeps its NF4 experts and the adapter unmerged.
     """
     weights = src.weights
+    if not speech and src.nf4_experts:
+        from omnitune.model.qlora import load_quantized_thinker
+
+        device = "cuda:0" if device_map is not None and torch.cuda.is_available() else "cpu"
+        return load_quantized_thinker(src.model, str(weights[1]) if weights else None, device).eval()
     if not speech:
         path = str(weights[1]) if weights and weights[0] == "model" else None
         thinker = load_thinker(src.model, path, device_map=device_map)

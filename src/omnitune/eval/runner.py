@@ -238,7 +238,8 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
     results: dict[str, ModelResult] = {}
     render_bad: list[RecordError] = []
     # base vs a LoRA: load the base once, score it, then merge the adapter into it (one load of ~60 GB, not two)
-    merge_into_base = compare_base and src.weights is not None and src.weights[0] != "model"
+    merge_into_base = (compare_base and src.weights is not None and src.weights[0] != "model"
+                       and not src.nf4_experts)  # NF4 experts take no merge: each model loads as it trained
     model = None
     for label, s in runs:
         if model is not None and merge_into_base:
