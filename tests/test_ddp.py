@@ -47,13 +47,18 @@ def test_omnitune_train_under_torchrun_writes_one_run(tmp_path):
     res = torchrun(29513, "-m", "omnitune", "train", "demo", "--set", f"data.train={train_file}",
                    "--set", f"data.eval={eval_file}", "--set", f"output_dir={out}", "--set", "data.workers=1",
                    "--set", "distributed.strategy=ddp", "--set", "train.max_steps=2", "--set", "train.batch_size=2",
-                   "--set", "train.logging_steps=1", "--set", "log.tensorboard=false")
+                   "--set", "train.logging_steps=1", "--set", "train.save_steps=1", "--set", "log.tensorboard=false")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "recipe.yaml").exists()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == [1, 2]  # logged once, by the main process
     assert res.stdout.count("done") == 1
+    # checkpoints go through the staging dir that every process writes into and the main process renames
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-1", "checkpoint-2"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= {
+        p.name for p in (out / "checkpoints" / "checkpoint-2").iterdir()}
 
 
 def test_a_torchrun_launch_without_the_ddp_strategy_is_refused(tmp_path):
