@@ -39,19 +39,20 @@ class GraphCaptureError(RuntimeError):
 
 
 class _Captured:
-    """One captured graph: its input buffers, its static outputs, which params it reaches."""
+    """One captured graph: its input buffers, its static outputs, the params it reaches and their grad buffers."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: tuple, reached: list[int]):
-        self.graph, self.inputs, self.outputs, self.reached = graph, inputs, outputs, reached
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: tuple,
+                 params: list[torch.Tensor], grad_buffers: list[torch.Tensor]):
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        self.params, self.grad_buffers = params, grad_buffers
 
 
 class GraphedGrads:
     """Loss + gradient accumulation of `loss_fn` captured as a CUDA graph per input signature (module docstring)."""
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor | tuple], params: Sequence[torch.Tensor],
-                 max_graphs: int = 16, warmup: int = 2, capture_error_mode: str = "global"):
+                 max_graphs: int = 16, warmup: int = 2):
         self.loss_fn = loss_fn
-        self.capture_error_mode = capture_error_mode  # torch.cuda.graph's: "thread_local" tolerates other threads
         self.params = list(params)
         self.max_graphs = max_graphs
         self.warmup = warmup
@@ -91,21 +92,20 @@ class GraphedGrads:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_error_mode):
+        with torch.cuda.graph(graph, pool=self.pool):
             loss, extras, grads = self._forward_backward(static)
             torch._foreach_add_([self.grad_buffers[i] for i in reached], [grads[i] for i in reached])
             del grads
         if self.pool is None:
             self.pool = graph.pool()
-        return _Captured(graph, static, (loss, extras), reached)
+        return _Captured(graph, static, (loss, extras), [self.params[i] for i in reached],
+                         [self.grad_buffers[i] for i in reached])
 
     @torch.no_grad()
     def _replay(self, captured: _Captured, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         for buf, x in zip(captured.inputs, inputs):
             buf.copy_(x, non_blocking=True)
-        bufs = self.grad_buffers
-        params = [self.params[i] for i in captured.reached]
-        targets = [bufs[i] for i in captured.reached]
+        params, targets = captured.params, captured.grad_buffers
         fresh = [b for p, b in zip(params, targets) if p.grad is None]
         if fresh:  # a new accumulation window (zero_grad set the grads to None)
             torch._foreach_zero_(fresh)

@@ -34,7 +34,10 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
 _compiled: dict[str, object] = {}
 
 
-def _compiled_fn(name, fn):
+def compiled_on_cuda(name: str, fn, like: torch.Tensor):
+    """`fn` compiled into fused kernels (once per name) when `like` is on CUDA, else `fn` itself (the reference)."""
+    if not like.is_cuda:
+        return fn
     if name not in _compiled:
         _compiled[name] = torch.compile(fn, dynamic=None)
     return _compiled[name]
@@ -42,17 +45,12 @@ def _compiled_fn(name, fn):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm: one fused kernel each way on CUDA, the reference elsewhere."""
-    if x.is_cuda:
-        return _compiled_fn("rms_norm", rms_norm_reference)(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+    return compiled_on_cuda("rms_norm", rms_norm_reference, x)(x, weight, eps)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU over the [gate | up] layout: one fused kernel each way on CUDA, the reference elsewhere."""
-    if gate_up.is_cuda:
-        return _compiled_fn("swiglu", swiglu_reference)(gate_up)
-    return swiglu_reference(gate_up)
-
+    return compiled_on_cuda("swiglu", swiglu_reference, gate_up)(gate_up)
 
 
 # ----------------------------------------------------------------------------- the experts' fused elementwise work
@@ -122,10 +120,6 @@ def gather_sum(index: torch.Tensor, top_k: int, *rows: torch.Tensor) -> torch.Te
     return compiled_on_cuda("gather_sum", gather_sum_reference, rows[0])(index, top_k, *rows)
 
 
-def compiled_on_cuda(name: str, fn, like: torch.Tensor):
-    """`fn` compiled into fused kernels when `like` is on CUDA, else `fn` itself (the reference)."""
-    return _compiled_fn(name, fn) if like.is_cuda else fn
-
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
@@ -164,9 +158,7 @@ def _rope_reference(q, k, cos, sin, unsqueeze_dim=1):
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb (same math), one fused kernel each way on CUDA."""
-    if q.is_cuda:
-        return _compiled_fn("rope", _rope_reference)(q, k, cos, sin, unsqueeze_dim)
-    return _rope_reference(q, k, cos, sin, unsqueeze_dim)
+    return compiled_on_cuda("rope", _rope_reference, q)(q, k, cos, sin, unsqueeze_dim)
 
 
 _original_rope = None

@@ -229,8 +229,9 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         console.print("[yellow]interrupted.[/] " + (f"Newest checkpoint: {newest}. Continue with --resume."
                                                     if newest else "No checkpoint was written yet."))
         raise
-    if trainer.graph_summary():
-        console.print(trainer.graph_summary())
+    summary = trainer.graph_summary()
+    if summary:
+        console.print(summary)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
     if state.is_main_process:
         save_final(model, processor, run, full=recipe.adapter.method == "full")
