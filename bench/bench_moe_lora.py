@@ -13,6 +13,7 @@ MFU = tok/s * 4 * 3.042e9 / 770e12 (LoRA: fwd + recompute-free bwd counted as 4N
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -171,6 +172,8 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
 
     import omnitune.kernels as K
 
+    name = impl
+    impl, *extra = impl.split("+")  # "ours+graph": fwd + bwd replayed as one CUDA graph, as the trainer runs it
     cfg = thinker_config(1).text_config
     cfg._experts_implementation = "omnitune" if impl == "ours" else "grouped_mm"
     block = build_on_gpu(Qwen3OmniMoeThinkerTextSparseMoeBlock, cfg)
@@ -187,17 +190,26 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
     x = torch.randn(1, tokens, REAL["hidden"], device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
 
-    def step():
+    def eager_step():
         out = block(x)
         out.backward(g)
+
+    step = eager_step
+    if "graph" in extra:  # x is a leaf here, so dX is computed just as out.backward(g) computes it
+        from omnitune.kernels.cuda_graph import GraphedGrads
+
+        params = [x] + [p for p in block.parameters() if p.requires_grad]
+        graphed = GraphedGrads(lambda g: (block(x) * g).sum(), params)
+        step = functools.partial(graphed, g)
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=3, iters=20)
     ms = statistics.median(times)
-    if want_profile(f"layer_{impl}"):
-        profile_print(step, f"layer_{impl}", steps=3)
-    return dict(part="layer", impl=impl, tokens=tokens, ms=ms, tok_s=tokens / ms * 1e3,
+    label = f"layer_{name.replace('+', '_')}"
+    if want_profile(label):
+        profile_print(step, label, steps=3)
+    return dict(part="layer", impl=name, tokens=tokens, ms=ms, tok_s=tokens / ms * 1e3,
                 peak_gib=peak_gib())
 
 
@@ -233,8 +245,14 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
 
         ckpt["context_fn"] = selective_checkpoint_context(save_matmuls="sacmm" in extra)
         model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
-    else:
+    elif "nockpt" not in extra:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+    # "+keepN": the last N layers without checkpointing (kernels/checkpointing.keep_activations)
+    keep = [int(e[len("keep"):]) for e in extra if e.startswith("keep")]
+    if keep:
+        from omnitune.kernels.checkpointing import keep_activations
+
+        keep_activations(model, keep[0])
     model.train()
     if impl == "ours":
         assert K.enable_fast_expert_lora(model) == layers
@@ -438,10 +456,14 @@ def spawn(spec: str, timeout: int) -> dict:
 
 def table(results: list[dict]) -> str:
     rows = ["| part | path | tokens | ms/step | tok/s | MFU | peak GiB | speed-up |", "|---|---|---|---|---|---|---|---|"]
-    base = {}
+    base = {}  # the transformers + PEFT row of the same part, tokens and layer count
+
+    def key(r):
+        return r["part"], r.get("seq", r.get("tokens")), r.get("layers")
+
     for r in results:
         if r.get("part") in ("layer", "model") and r.get("impl") == "peft":
-            base[(r["part"], r.get("seq", r.get("tokens")))] = r["ms"]
+            base[key(r)] = r["ms"]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['spec']} | | | {r['error'][:60]} | | | | |")
@@ -449,13 +471,16 @@ def table(results: list[dict]) -> str:
         if r.get("part") not in ("layer", "model"):
             continue
         n = r.get("seq", r.get("tokens"))
-        b = base.get((r["part"], n))
+        b = base.get(key(r))
         impl, *off = r["impl"].split("~")
         impl, *extra = impl.split("+")
         label = "transformers grouped_mm + PEFT" if impl == "peft" else "omnitune" + "".join(
             {"graph": " + CUDA graph", "sac": " + selective ckpt", "sacmm": " + selective ckpt (GEMMs kept)",
-             "qlora": " + NF4 experts (QLoRA)"}[e]
-            for e in extra) + (f" (no {'/'.join(off)})" if off else "")
+             "qlora": " + NF4 experts (QLoRA)", "nockpt": " + no checkpointing"}.get(e)
+            or f" + last {e[len('keep'):]} layers not checkpointed" for e in extra) + (
+            f" (no {'/'.join(off)})" if off else "")
+        if r.get("layers", 48) != 48:
+            label += f" ({r['layers']} layers)"
         mfu_s = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         rows.append(f"| {r['part']} | {label} | {n} | {r['ms']:.2f} | {r['tok_s']:.0f} | {mfu_s} | "
                     f"{r['peak_gib']:.1f} | {b / r['ms']:.2f}x |" if b else

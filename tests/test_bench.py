@@ -18,7 +18,8 @@ def test_bench_dry_run_measures_both_paths_and_writes_json(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_moe_lora.py"), "--parts", "layer,model",
                           "--seqs", "64", "--layers", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "| model | omnitune | 64 |" in res.stdout and "| model | transformers grouped_mm + PEFT | 64 |" in res.stdout
+    assert "| model | omnitune (2 layers) | 64 |" in res.stdout
+    assert "| model | transformers grouped_mm + PEFT (2 layers) | 64 |" in res.stdout
     results = json.loads((tmp_path / "out" / "bench_moe_lora.json").read_text())["results"]
     assert {(r["part"], r["impl"]) for r in results} == {("layer", "peft"), ("layer", "ours"), ("model", "peft"),
                                                          ("model", "ours")}
@@ -28,11 +29,28 @@ def test_bench_dry_run_measures_both_paths_and_writes_json(tmp_path):
 @pytest.mark.slow
 def test_bench_dry_run_of_the_graphed_selective_and_qlora_variants(tmp_path):
     env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out")}
-    specs = "model:ours+graph+sac:64:2,model:ours+graph+qlora:64:2"
+    specs = ("layer:ours+graph,model:ours+graph+sac:64:2,model:ours+graph+qlora:64:2,model:ours+graph+keep1:64:2,"
+             "model:ours+graph+qlora+nockpt:64:2")
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_moe_lora.py"), "--specs", specs],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     results = json.loads((tmp_path / "out" / "bench_moe_lora.json").read_text())["results"]
-    assert [r["impl"] for r in results] == ["ours+graph+sac", "ours+graph+qlora"]
+    assert [r["impl"] for r in results] == ["ours+graph", "ours+graph+sac", "ours+graph+qlora", "ours+graph+keep1",
+                                            "ours+graph+qlora+nockpt"]
     assert all("error" not in r for r in results)
-    assert "| model | omnitune + CUDA graph + NF4 experts (QLoRA) | 64 |" in res.stdout
+    assert "| model | omnitune + CUDA graph + NF4 experts (QLoRA) (2 layers) | 64 |" in res.stdout
+    assert "| model | omnitune + CUDA graph + last 1 layers not checkpointed (2 layers) | 64 |" in res.stdout
+    assert "| model | omnitune + CUDA graph + NF4 experts (QLoRA) + no checkpointing (2 layers) | 64 |" in res.stdout
+
+
+def test_bench_speedups_compare_only_runs_of_the_same_size():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_moe_lora", ROOT / "bench" / "bench_moe_lora.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = dict(part="model", seq=4096, tok_s=1.0, mfu=0.1, peak_gib=1.0)
+    out = bench.table([dict(row, impl="peft", layers=48, ms=100.0), dict(row, impl="ours", layers=48, ms=50.0),
+                       dict(row, impl="ours", layers=8, ms=10.0)])
+    assert "| model | omnitune | 4096 | 50.00 | 1 | 10.0% | 1.0 | 2.00x |" in out
+    assert "| model | omnitune (8 layers) | 4096 | 10.00 | 1 | 10.0% | 1.0 | - |" in out  # no 8-layer baseline

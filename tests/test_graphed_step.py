@@ -11,7 +11,8 @@ from transformers import TrainingArguments
 from omnitune.data.collate import OmniCollator
 from omnitune.data.synthetic import make_demo_dataset
 from omnitune.recipe import load_recipe
-from omnitune.train.graphed_step import GraphedTrainStep, pad_to_bucket
+from omnitune.kernels.cuda_graph import GraphCaptureError
+from omnitune.train.graphed_step import MASKED_SDPA_BACKENDS, GraphedTrainStep, pad_to_bucket
 from omnitune.train.trainer import PACKED_KEYS, OmniTrainer, packed_position_ids
 
 TEXT_ONLY = {"conversations": [{"role": "user", "content": "Name a warm colour."},
@@ -136,6 +137,35 @@ def test_right_padding_and_single_packed_samples_need_no_mask_but_left_padding_a
     assert len(graph_args(collate[True](samples))) == 6  # several samples in a row: the block mask
     left = dict(padded, attention_mask=padded["attention_mask"].flip(-1))
     assert not left["attention_mask"].all() and len(graph_args(left)) == 6
+
+
+def test_a_capture_that_fails_with_cudnn_attention_is_retried_without_it(setup, caplog):
+    samples, model, collate = setup
+    thinker = model.base_model.model
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad], bucket=64)
+    seen = []
+
+    def capture(*args):  # stands in for the capture only: fails whenever SDPA may pick cuDNN, as on the GPU
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        if seen[-1]:
+            raise GraphCaptureError("cudaErrorStreamCaptureImplicit")
+        return args[-1], ()
+
+    step.graphs = capture
+    with caplog.at_level("WARNING"):
+        step(collate[False](samples), None, None)
+    assert seen == [True, False] and step.sdpa_backends == MASKED_SDPA_BACKENDS
+    assert "capturing without it" in caplog.text
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the restriction lasted only for the call
+    packed = dict(collate[True](samples))
+    pos = packed_position_ids(thinker.model, packed, *[packed.pop(k) for k in PACKED_KEYS])
+
+    def always_fails(*args):
+        raise GraphCaptureError("no")
+
+    step.graphs = always_fails
+    with pytest.raises(GraphCaptureError):  # masked: already without cuDNN, so the failure is the caller's
+        step(packed, pos, None)
 
 
 def test_trainer_reports_how_its_micro_steps_ran(setup, tmp_path):

@@ -132,14 +132,16 @@ def test_sharded_strategies_and_unsynchronised_launches_are_refused(demo_data, t
         train(small_recipe(demo_data, tmp_path))
 
 
-def test_selective_checkpointing_trains_the_same_curve_as_full(demo_data, tmp_path):
+def test_selective_and_partial_checkpointing_train_the_same_curve_as_full(demo_data, tmp_path):
     extra = ("train.gradient_checkpointing=true", "train.max_steps=3", "train.save_steps=3")
     train(small_recipe(demo_data, tmp_path / "full", *extra))
-    train(small_recipe(demo_data, tmp_path / "sel", *extra, "train.checkpoint_policy=selective"))
-    full, sel = losses(tmp_path / "full"), losses(tmp_path / "sel")
-    assert [s for s, _ in sel] == [1, 2, 3]
-    for (_, a), (_, b) in zip(full, sel):
-        assert b == pytest.approx(a, rel=1e-5)
+    full = losses(tmp_path / "full")
+    for name, option in (("sel", "train.checkpoint_policy=selective"), ("keep", "train.uncheckpointed_layers=1")):
+        train(small_recipe(demo_data, tmp_path / name, *extra, option))
+        other = losses(tmp_path / name)
+        assert [s for s, _ in other] == [1, 2, 3]
+        for (_, a), (_, b) in zip(full, other):
+            assert b == pytest.approx(a, rel=1e-5), name
 
 
 def test_wandb_without_the_package_is_a_clear_error(demo_data, tmp_path):

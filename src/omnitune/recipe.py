@@ -110,6 +110,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = True
     checkpoint_policy: Literal["full", "selective"] = Field(
         "full", description="selective: keep attention outputs through the recompute (kernels/checkpointing.py)")
+    uncheckpointed_layers: int = Field(
+        0, ge=0, description="with gradient_checkpointing: the last N decoder layers keep their activations (no "
+        "recompute in the backward): faster, for 0.375 GiB per layer at 4096 tokens (H100: 16 layers, 8.3% faster)")
     cuda_graphs: bool = Field(True, description="on CUDA, replay each micro-step (decoder + loss + backward) as one "
                               "CUDA graph where the batch allows (train/graphed_step.py); same results, fewer launches")
     graph_bucket: int = Field(512, gt=0, description="with cuda_graphs: pad each batch to a multiple of this many "

@@ -1,7 +1,8 @@
-"""Run under `torchrun --nproc_per_node 2` (CPU, gloo) by tests/test_ddp.py: one OmniTrainer step on the tiny
-Thinker with LoRA, each process on different samples; writes every process's LoRA gradient checksums (taken just
-before the optimizer step) to OUT/grads-<rank>.json. With `--bypass-ddp` the loss skips the DDP wrapper the way
-omnitune's trainer did before it supported DDP (to show the check notices unsynchronised gradients)."""
+"""Run under `torchrun --nproc_per_node 2`: by tests/test_ddp.py on the CPU (gloo), and on a 2-GPU machine (NCCL).
+One OmniTrainer step on the tiny Thinker with LoRA, each process on different samples; writes every process's LoRA
+gradient checksums (taken just before the optimizer step) to OUT/grads-<rank>.json. With `--bypass-ddp` the loss
+skips the DDP wrapper the way omnitune's trainer did before it supported DDP (to show the check notices
+unsynchronised gradients)."""
 import json
 import os
 import sys
@@ -40,8 +41,8 @@ def main() -> None:
         ids = torch.randint(10, 5000, (int(torch.randint(12, 40, (1,), generator=g)),), generator=g)
         samples.append(dict(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids),
                             modalities=["text"]))
-    args = TrainingArguments(output_dir=os.path.join(out, "ckpt"), use_cpu=True, max_steps=1,
-                             per_device_train_batch_size=2, report_to=[], save_strategy="no",
+    args = TrainingArguments(output_dir=os.path.join(out, "ckpt"), use_cpu=not torch.cuda.is_available(),
+                             max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
                              remove_unused_columns=False, disable_tqdm=True, ddp_find_unused_parameters=False)
     rank = int(os.environ["RANK"])
     trainer = OmniTrainer(model=model, args=args, train_dataset=samples,
@@ -51,6 +52,7 @@ def main() -> None:
         trainer.compute_loss = lambda m, inputs, return_outputs=False, num_items_in_batch=None: trainer._loss(
             trainer.accelerator.unwrap_model(m), inputs, num_items_in_batch)[0]
     trainer.train()
+    print(f"rank {rank}: backend {torch.distributed.get_backend()}, device {args.device}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ module-level function of transformers' qwen3_omni_moe modeling file, so it is pr
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -117,7 +118,47 @@ def gather_sum_reference(index: torch.Tensor, top_k: int, *rows: torch.Tensor) -
 
 def gather_sum(index: torch.Tensor, top_k: int, *rows: torch.Tensor) -> torch.Tensor:
     """`gather_sum_reference` as one fused gather + reduction kernel on CUDA (no [S, H] intermediate)."""
+    if rows[0].is_cuda and len(rows) <= 2:
+        return gather_sum_triton(index, top_k, *rows)
     return compiled_on_cuda("gather_sum", gather_sum_reference, rows[0])(index, top_k, *rows)
+
+
+GATHER_SUM_COLS = 1024  # columns per program: each gathered row segment is one contiguous 2 KiB read (bf16)
+
+
+@functools.cache
+def _gather_sum_kernel():
+    """The Triton kernel, built on first use (triton is imported only where it runs: CUDA, or its interpreter)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_sum_rows(index_ptr, a_ptr, b_ptr, out_ptr, width, TOP_K: tl.constexpr, TWO: tl.constexpr,
+                        COLS: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+        ok = cols < width
+        acc = tl.zeros([COLS], dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            row = tl.load(index_ptr + token * TOP_K + k).to(tl.int64) * width
+            acc += tl.load(a_ptr + row + cols, mask=ok, other=0.0).to(tl.float32)
+            if TWO:
+                acc += tl.load(b_ptr + row + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * width + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    return gather_sum_rows
+
+
+def gather_sum_triton(index: torch.Tensor, top_k: int, *rows: torch.Tensor) -> torch.Tensor:
+    """`gather_sum_reference` for one or two [S, H] row tensors: one program per (token, column block) reads its
+    K rows' segments once. H100, 4096 tokens x top-8: 0.140 ms vs 0.291 ms compiled (bench/bench_kernels.py)."""
+    a = rows[0].contiguous()
+    b = rows[1].contiguous() if len(rows) == 2 else a
+    width = a.shape[-1]
+    out = torch.empty(index.numel() // top_k, width, dtype=a.dtype, device=a.device)
+    grid = (out.shape[0], -(-width // GATHER_SUM_COLS))
+    _gather_sum_kernel()[grid](index, a, b, out, width, TOP_K=top_k, TWO=len(rows) == 2, COLS=GATHER_SUM_COLS)
+    return out
 
 
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,13 @@ graphed batches with eager ones (images, video) holds both working sets.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.masking_utils import create_causal_mask
 
-from omnitune.kernels.cuda_graph import GraphedGrads
+from omnitune.kernels.cuda_graph import GraphCaptureError, GraphedGrads
 from omnitune.kernels.loss import chunked_linear_cross_entropy
 from omnitune.train.loss import IGNORE, weighted_loss
 
@@ -28,6 +30,8 @@ VISION_KEYS = ("pixel_values", "pixel_values_videos")
 ALL_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.MATH]
 MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+log = logging.getLogger("omnitune.graphed_step")
 
 
 def static_token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,7 @@ class GraphedTrainStep:
         self.thinker = thinker
         self.bucket = bucket
         self.graphs = GraphedGrads(self._loss, params, max_graphs=max_graphs)
+        self.sdpa_backends = ALL_SDPA_BACKENDS  # the attention kernels the last call allowed
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -92,11 +97,22 @@ class GraphedTrainStep:
         """One micro-step; `position_ids` as the eager path would pass them (packed rows), else None.
         Gradients are accumulated into the adapters' .grad; returns the loss (a graph output: read it now)."""
         args = self.prepare(inputs, position_ids, num_items)
-        # with a mask tensor, keep SDPA off cuDNN: its masked backward broke the capture of a batch-1 step on H100
-        # (cudaErrorStreamCaptureImplicit). Around the whole call: the checkpoint recompute in the backward must
-        # pick the same kernel as the forward did.
-        with sdpa_kernel(MASKED_SDPA_BACKENDS if len(args) > 5 else ALL_SDPA_BACKENDS):
-            loss, _ = self.graphs(*args)
+        # SDPA's cuDNN kernels are the fastest where they capture (the bench's causal batch of one), but some of
+        # their backward calls broke a capture (cudaErrorStreamCaptureImplicit: a masked batch of one on H100, a
+        # tiny-head causal one on H200). With a mask tensor they stay off; without one, a failed capture is tried
+        # once more without them (a failed capture accumulates nothing). The context spans the whole call: the
+        # checkpoint recompute in the backward must pick the same kernel as the forward.
+        self.sdpa_backends = MASKED_SDPA_BACKENDS if len(args) > 5 else ALL_SDPA_BACKENDS
+        try:
+            with sdpa_kernel(self.sdpa_backends):
+                loss, _ = self.graphs(*args)
+        except GraphCaptureError as e:
+            if self.sdpa_backends is MASKED_SDPA_BACKENDS:
+                raise
+            log.warning("CUDA graph capture failed with cuDNN attention allowed (%s); capturing without it", e)
+            self.sdpa_backends = MASKED_SDPA_BACKENDS
+            with sdpa_kernel(self.sdpa_backends):
+                loss, _ = self.graphs(*args)
         return loss
 
     def prepare(self, inputs: dict, position_ids: torch.Tensor | None,

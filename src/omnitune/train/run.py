@@ -21,7 +21,7 @@ from omnitune.model.load import load_processor, load_thinker
 from omnitune.model.qlora import quantize_experts
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
-from omnitune.train.trainer import MetricsLog, OmniTrainer
+from omnitune.train.trainer import KeepActivations, MetricsLog, OmniTrainer
 
 
 @dataclass
@@ -213,6 +213,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None)
     callbacks = [MetricsLog(run.metrics)]
+    if recipe.train.gradient_checkpointing and recipe.train.uncheckpointed_layers:
+        callbacks.append(KeepActivations(recipe.train.uncheckpointed_layers))
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))

@@ -192,3 +192,16 @@ class MetricsLog(TrainerCallback):
             entry = {"step": state.global_step, "epoch": state.epoch, **logs}
             with self.path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+
+class KeepActivations(TrainerCallback):
+    """Takes checkpointing off the last `layers` decoder layers once the Trainer has switched it on for all of them
+    (it does so inside train(), before on_train_begin)."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from omnitune.kernels.checkpointing import keep_activations
+
+        keep_activations(model, self.layers)

@@ -1,0 +1,70 @@
+"""Micro-benchmarks of single omnitune kernels against the compiled plain-PyTorch reference they replace.
+
+Each row: one kernel at the real Thinker sizes, CUDA-event time (median of 50), effective bandwidth (bytes read +
+written / time) and whether it equals the reference bit for bit (fp32 sums in another order may differ by rounding). Prints a table, writes bench_kernels.json to $OUT.
+Usage (GPU machine): PYTHONPATH=src python bench/bench_kernels.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import torch
+from bench_moe_lora import cuda_time_ms  # bench/ is on sys.path when run as a script
+
+from omnitune.kernels.fused_ops import gather_sum_reference, gather_sum_triton
+from omnitune.kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, quantize_nf4
+
+# the Thinker's experts: gate_up_proj [128, 1536, 2048] and down_proj [128, 2048, 768] per layer
+EXPERT_SHAPES = {"gate_up_proj": (128, 1536, 2048), "down_proj": (128, 2048, 768)}
+
+
+def cuda_ms(fn) -> float:
+    return statistics.median(cuda_time_ms(fn, warmup=3, iters=50))
+
+
+def nf4_rows() -> list[dict]:
+    compiled = torch.compile(dequantize_nf4_reference)
+    rows = []
+    for name, shape in EXPERT_SHAPES.items():
+        q = quantize_nf4(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
+        moved = q.packed.numel() + q.absmax.numel() * 4 + q.packed.numel() * 2 * 2  # read packed + scales, write bf16
+        ref = compiled(q.packed, q.absmax, q.codes, torch.bfloat16)
+        for impl, fn in (("torch.compile reference", compiled), ("triton", dequantize_nf4_triton)):
+            ms = cuda_ms(lambda: fn(q.packed, q.absmax, q.codes, torch.bfloat16))
+            exact = torch.equal(fn(q.packed, q.absmax, q.codes, torch.bfloat16), ref)
+            rows.append(dict(kernel=f"nf4 dequant {name}", impl=impl, ms=ms, gb_s=moved / ms / 1e6, exact=exact))
+    return rows
+
+
+def gather_sum_rows() -> list[dict]:
+    """The experts' combine at 4096 tokens, top-8: [32768, 2048] rows (base output, + one LoRA delta) -> [4096, 2048]."""
+    compiled = torch.compile(gather_sum_reference)
+    index = torch.randperm(32768, device="cuda")
+    rows = []
+    for n in (1, 2):
+        inputs = [torch.randn(32768, 2048, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+        moved = (n * 32768 + 4096) * 2048 * 2
+        ref = compiled(index, 8, *inputs)
+        for impl, fn in (("torch.compile reference", compiled), ("triton", gather_sum_triton)):
+            ms = cuda_ms(lambda: fn(index, 8, *inputs))
+            out = fn(index, 8, *inputs)
+            rows.append(dict(kernel=f"gather_sum of {n} row tensor(s)", impl=impl, ms=ms, gb_s=moved / ms / 1e6,
+                             exact=torch.equal(out, ref), max_rel=float((out.float() - ref.float()).abs().max()
+                                                                       / ref.float().abs().max())))
+    return rows
+
+
+def main() -> None:
+    rows = nf4_rows() + gather_sum_rows()
+    print("| kernel | impl | ms | GB/s | equals reference |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['impl']} | {r['ms']:.3f} | {r['gb_s']:.0f} | {r['exact']} |")
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "bench_kernels.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
