@@ -63,6 +63,38 @@ def test_nf4_experts_compute_exactly_what_the_dequantized_bf16_experts_would():
         torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
 
 
+def test_under_checkpointing_the_recompute_dequantizes_for_the_backward_too():
+    """Per experts projection and step: forward + backward = 2 dequantizations without checkpointing (the stack is
+    not kept), and 2, not 3, with it (the recompute's stack serves the backward); the gradients do not change."""
+    from omnitune.model.qlora import nf4_expert_weight
+
+    model = _lora_model()
+    quantize_experts(model)
+    calls = []
+
+    def counting_provider(experts, name):
+        calls.append(name)
+        return nf4_expert_weight(experts, name)
+
+    for m in model.modules():
+        if getattr(m, "omnitune_weight_provider", None) is nf4_expert_weight:
+            m.omnitune_weight_provider = counting_provider
+    model.train()
+    inputs = batch()
+    grads = {}
+    for ckpt in (False, True):
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        model(**inputs).loss.backward()
+        assert len(calls) == 2 * 2 * 2, (ckpt, calls)  # 2 layers x 2 projections x 2 dequantizations
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any("experts" in n for n in grads[True])
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], msg=n)
+
+
 def test_a_trained_expert_weight_is_not_quantized():
     model = tiny_thinker("omnitune").requires_grad_(False)
     model.model.language_model.layers[0].mlp.experts.gate_up_proj.requires_grad_(True)

@@ -17,8 +17,8 @@ weight gets no weight-gradient GEMM at all.
 Quantized experts (QLoRA) seam: set `experts.omnitune_weight_provider = fn` where `fn(experts, name)` returns the
 [E, out, in] compute-dtype stack for `name` in ("gate_up_proj", "down_proj"), e.g. dequantized 4-bit blocks
 (model/qlora.py). Provided weights are frozen: the forward calls the provider per projection and the backward calls
-it again for dX instead of saving the stack, so a dequantized stack lives only while one GEMM reads it. LoRA
-factors are passed separately and are unaffected.
+it again for dX instead of saving the stack (under checkpointing the recompute's stack serves the backward,
+`_ProvidedWeightMM`). LoRA factors are passed separately and are unaffected.
 
 Registered with transformers as experts implementation "omnitune":
 `model.set_experts_implementation("omnitune")` or `from_pretrained(..., experts_implementation="omnitune")`.
@@ -117,20 +117,29 @@ def grouped_linear(
 
 
 class _ProvidedWeightMM(torch.autograd.Function):
-    """x @ W_e^T with W from the weight provider (frozen, e.g. dequantized NF4). W is rebuilt in the backward, not
-    saved: a layer's dequantized experts live only while a GEMM reads them, with or without checkpointing."""
+    """x @ W_e^T with W from the weight provider (frozen, e.g. dequantized NF4).
+
+    Without activation checkpointing W is rebuilt in the backward, not saved: otherwise every layer's dequantized
+    stack would stay alive until its backward. Under saved-tensor hooks (checkpointing) W is saved and the hooks
+    decide: the checkpointed forward drops it, the recompute (run just before this layer's backward) keeps it for
+    the backward, so each layer is dequantized twice per step instead of three times, for one layer's stack held
+    from its recompute to its backward."""
 
     @staticmethod
     def forward(ctx, x, offsets, experts, name, force_loop):
-        ctx.save_for_backward(offsets)
         ctx.experts, ctx.name, ctx.force_loop = experts, name, force_loop
         weight = expert_weight(experts, name)
+        # torch.utils.checkpoint asks the same question (its own forward runs under such hooks)
+        hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        ctx.save_for_backward(offsets, weight if hooked else None)
         return grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (offsets,) = ctx.saved_tensors
-        weight = expert_weight(ctx.experts, ctx.name).to(grad_out.dtype)  # [E, out, in]: dX = dY @ W_e
+        offsets, weight = ctx.saved_tensors
+        if weight is None:
+            weight = expert_weight(ctx.experts, ctx.name)
+        weight = weight.to(grad_out.dtype)  # [E, out, in]: dX = dY @ W_e
         return grouped_mm(grad_out, weight, offsets, force_loop=ctx.force_loop), None, None, None, None
 
 
