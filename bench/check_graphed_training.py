@@ -1,8 +1,9 @@
 """GPU check: the CUDA-graph micro-step (train/graphed_step.py) trains like the eager one.
 
 Tiny Qwen3-Omni Thinker (real classes) in bf16 on the GPU, LoRA r8 on attention + experts, the omnitune fast
-paths, checkpointing. (1) For padded and packed batches, several batches of one bucket shape: loss and LoRA
-gradients of the graph replay vs OmniTrainer.compute_loss + backward. (2) OmniTrainer.train for 6 optimizer steps
+paths, checkpointing. (1) For padded and packed batches (and padded ones with NF4 experts + the last layer not
+checkpointed), several batches of one bucket shape: loss and LoRA gradients of the graph replay vs
+OmniTrainer.compute_loss + backward. (2) OmniTrainer.train for 6 optimizer steps
 (batch 4, accumulation 2) with graphs on and off: the logged loss curves. Exits non-zero on a mismatch.
 Usage (GPU machine): PYTHONPATH=/tmp/pp:src python bench/check_graphed_training.py [--quick]
 """
@@ -18,7 +19,9 @@ from transformers import TrainingArguments
 
 import omnitune.kernels as K
 from omnitune.data.collate import OmniCollator
+from omnitune.kernels.checkpointing import keep_activations
 from omnitune.model.adapters import apply_adapters
+from omnitune.model.qlora import quantize_experts
 from omnitune.model.tiny import build_tiny_model
 from omnitune.recipe import AdapterConfig
 from omnitune.train.graphed_step import MASKED_SDPA_BACKENDS, GraphedTrainStep
@@ -29,7 +32,9 @@ GPU = torch.cuda.is_available()  # on CPU: a dry run of the code (no graphs, the
 DEV = "cuda" if GPU else "cpu"
 
 
-def make_model():
+def make_model(qlora: bool = False):
+    """The tiny Thinker as training runs it; `qlora`: NF4 experts and the last layer not checkpointed (the
+    checkpointed layers' recompute then also serves the backward's dequantized experts)."""
     torch.manual_seed(0)
     thinker = build_tiny_model(seed=0).thinker.to(DEV, torch.bfloat16 if GPU else torch.float32)
     thinker.set_experts_implementation("omnitune")
@@ -43,6 +48,9 @@ def make_model():
     K.enable_fused_rope()
     model.get_base_model().gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
+    if qlora:
+        quantize_experts(model)
+        keep_activations(model, 1)
     model.train()
     return model
 
@@ -119,15 +127,17 @@ def main() -> int:
     model = make_model()
     worst, failed = 0.0, 0
     quick = "--quick" in sys.argv  # two step configurations, no trainer run
-    configs = ((False, 1), (True, 4), (False, 4))
-    for packing, batch_size in configs[:2] if quick else configs:
+    configs = ((False, 1, False), (True, 4, False), (False, 4, False), (False, 4, True))  # packing, batch, qlora
+    for packing, batch_size, qlora in configs[:2] if quick else configs:
+        print(f"== packing={packing} B={batch_size} qlora={qlora}", flush=True)
         try:
-            worst = max(worst, check_step(model, packing, batch_size))
+            worst = max(worst, check_step(make_model(qlora=True) if qlora else model, packing, batch_size))
         except Exception:  # report every configuration, not only the first failure
             import traceback
 
             failed += 1
-            print(f"FAILED packing={packing} B={batch_size}:\n{traceback.format_exc()[-6000:]}", flush=True)
+            print(f"FAILED packing={packing} B={batch_size} qlora={qlora}:\n{traceback.format_exc()[-6000:]}",
+                  flush=True)
     if quick:
         print(f"worst step rel err {worst:.2e}: {'OK' if not failed and worst < 3e-2 else 'MISMATCH'}")
         return int(bool(failed) or worst >= 3e-2)

@@ -54,3 +54,13 @@ def test_bench_speedups_compare_only_runs_of_the_same_size():
                        dict(row, impl="ours", layers=8, ms=10.0)])
     assert "| model | omnitune | 4096 | 50.00 | 1 | 10.0% | 1.0 | 2.00x |" in out
     assert "| model | omnitune (8 layers) | 4096 | 10.00 | 1 | 10.0% | 1.0 | - |" in out  # no 8-layer baseline
+
+
+@pytest.mark.slow
+def test_the_gpu_training_check_dry_runs_on_the_cpu():
+    """bench/check_graphed_training.py runs every configuration eagerly without a GPU (graph vs eager then agree
+    to float rounding): the script cannot rot between GPU sessions."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "check_graphed_training.py")], capture_output=True,
+                         text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "== packing=False B=4 qlora=True" in res.stdout and ": OK" in res.stdout
