@@ -87,3 +87,23 @@ def test_gather_sum_undoes_the_permutation_and_sums_each_tokens_slots():
     rows = [torch.randn(tokens * top_k, 4, dtype=torch.float64) for _ in range(2)]
     expected = torch.stack([sum(r[inv[t * top_k + k]] for r in rows for k in range(top_k)) for t in range(tokens)])
     torch.testing.assert_close(gather_sum(inv, top_k, *rows), expected)
+
+
+def test_weighted_swiglu_with_lora_deltas_keeps_one_pre_activation_for_the_backward():
+    """The backward needs gate_up + deltas only: one [S, 2I] tensor is saved, not gate_up and each delta."""
+    gate_up = torch.randn(16, 8, requires_grad=True)
+    deltas = [torch.randn(16, 8, requires_grad=True) for _ in range(2)]
+    w = torch.rand(16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = weighted_swiglu(gate_up, w, *deltas)
+    wide = [t for t in saved if t.shape == gate_up.shape]
+    assert len(wide) == 1 and not any(t is gate_up or any(t is d for d in deltas) for t in wide)
+    torch.testing.assert_close(wide[0], gate_up + deltas[0] + deltas[1])
+    out.sum().backward()
+    assert all(d.grad is not None for d in deltas)

@@ -73,10 +73,20 @@ def weighted_swiglu_reference(gate_up: torch.Tensor, row_weight: torch.Tensor, *
     return (torch.nn.functional.silu(gate) * up * _wide(row_weight)[:, None]).to(gate_up.dtype)
 
 
-def weighted_swiglu_backward_reference(grad_h: torch.Tensor, gate_up: torch.Tensor, row_weight: torch.Tensor,
-                                       *deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate_up [S, 2I] (also each delta's gradient), d row_weight [S]) of `weighted_swiglu_reference`."""
-    gate, up = _pre_activation(gate_up, deltas).chunk(2, dim=-1)
+def weighted_swiglu_and_sum_reference(gate_up: torch.Tensor, row_weight: torch.Tensor,
+                                      *deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`weighted_swiglu_reference`, the pre-activation gate_up + deltas in gate_up's dtype): one pass writes both."""
+    pre = _pre_activation(gate_up, deltas)
+    gate, up = pre.chunk(2, dim=-1)
+    h = (torch.nn.functional.silu(gate) * up * _wide(row_weight)[:, None]).to(gate_up.dtype)
+    return h, pre.to(gate_up.dtype)
+
+
+def weighted_swiglu_backward_reference(grad_h: torch.Tensor, pre: torch.Tensor,
+                                       row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d pre-activation [S, 2I] (the gradient of gate_up and of each delta), d row_weight [S]) of
+    `weighted_swiglu_reference`, from the pre-activation gate_up + deltas."""
+    gate, up = _wide(pre).chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     silu = gate * sig
     g = _wide(grad_h)
@@ -84,23 +94,32 @@ def weighted_swiglu_backward_reference(grad_h: torch.Tensor, gate_up: torch.Tens
     d_up = g * silu * w
     d_gate = g * up * w * sig * (1 + gate * (1 - sig))
     d_w = (g * silu * up).sum(dim=-1)
-    return torch.cat([d_gate, d_up], dim=-1).to(gate_up.dtype), d_w.to(row_weight.dtype)
+    return torch.cat([d_gate, d_up], dim=-1).to(pre.dtype), d_w.to(row_weight.dtype)
 
 
 class _WeightedSwiGLU(torch.autograd.Function):
-    """One fused kernel each way (CUDA); the gradient of gate_up is shared by the deltas, not copied per delta."""
+    """One fused kernel each way (CUDA). With LoRA deltas the forward also writes their sum with gate_up, the one
+    tensor the backward needs: saved instead of gate_up and every delta (at 4096 tokens, 100 MB less per layer whose
+    activations are kept). The gradient of gate_up is shared by the deltas, not copied per delta."""
 
     @staticmethod
     def forward(ctx, gate_up, row_weight, *deltas):
-        ctx.save_for_backward(gate_up, row_weight, *deltas)
-        return compiled_on_cuda("weighted_swiglu", weighted_swiglu_reference, gate_up)(gate_up, row_weight, *deltas)
+        if deltas:
+            fn = compiled_on_cuda("weighted_swiglu_and_sum", weighted_swiglu_and_sum_reference, gate_up)
+            h, pre = fn(gate_up, row_weight, *deltas)
+        else:
+            h = compiled_on_cuda("weighted_swiglu", weighted_swiglu_reference, gate_up)(gate_up, row_weight)
+            pre = gate_up
+        ctx.save_for_backward(pre, row_weight)
+        ctx.num_deltas = len(deltas)
+        return h
 
     @staticmethod
     def backward(ctx, grad_h):
-        gate_up, row_weight, *deltas = ctx.saved_tensors
-        fn = compiled_on_cuda("weighted_swiglu_backward", weighted_swiglu_backward_reference, gate_up)
-        d_gate_up, d_w = fn(grad_h.contiguous(), gate_up, row_weight, *deltas)
-        return (d_gate_up, d_w, *([d_gate_up] * len(deltas)))
+        pre, row_weight = ctx.saved_tensors
+        fn = compiled_on_cuda("weighted_swiglu_backward", weighted_swiglu_backward_reference, pre)
+        d_pre, d_w = fn(grad_h.contiguous(), pre, row_weight)
+        return (d_pre, d_w, *([d_pre] * ctx.num_deltas))
 
 
 def weighted_swiglu(gate_up: torch.Tensor, row_weight: torch.Tensor, *deltas: torch.Tensor) -> torch.Tensor:
