@@ -86,3 +86,12 @@ def test_a_local_model_path_resolves_against_the_recipe_file_like_data_paths(tmp
     assert load_recipe(tmp_path / "r.yaml").model.path == str(tmp_path / "ckpt")
     assert load_recipe(tmp_path / "r.yaml", ["model.path=Qwen/Qwen3-Omni-30B-A3B-Instruct"]).model.path == \
         "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+
+
+def test_uncheckpointed_layers_without_checkpointing_is_a_clear_error():
+    with pytest.raises(RecipeError, match="uncheckpointed_layers needs train.gradient_checkpointing=true"):
+        load_recipe("demo", ["train.gradient_checkpointing=false", "train.uncheckpointed_layers=4"])
+    ok = load_recipe("demo", ["train.gradient_checkpointing=true", "train.uncheckpointed_layers=4"])
+    assert ok.train.uncheckpointed_layers == 4
+    with pytest.raises(RecipeError, match="uncheckpointed_layers"):
+        load_recipe("demo", ["train.uncheckpointed_layers=-1"])

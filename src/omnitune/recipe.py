@@ -125,6 +125,13 @@ class TrainConfig(_Section):
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     router_aux_coef: float | None = Field(None, ge=0, description="default: the checkpoint's router_aux_loss_coef")
 
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.uncheckpointed_layers and not self.gradient_checkpointing:
+            raise ValueError("train.uncheckpointed_layers needs train.gradient_checkpointing=true (without "
+                             "checkpointing every layer keeps its activations already)")
+        return self
+
 
 class DistributedConfig(_Section):
     """How a multi-process launch (torchrun) trains: data parallel copies of the model, one per GPU."""

@@ -213,7 +213,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None)
     callbacks = [MetricsLog(run.metrics)]
-    if recipe.train.gradient_checkpointing and recipe.train.uncheckpointed_layers:
+    if recipe.train.uncheckpointed_layers:  # the recipe requires gradient_checkpointing with it
         callbacks.append(KeepActivations(recipe.train.uncheckpointed_layers))
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
