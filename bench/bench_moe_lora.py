@@ -388,7 +388,7 @@ def run_smoke() -> dict:
     lff = chunked_linear_cross_entropy(h16f, W.detach().bfloat16(), lab, chunk_size=1024)
     (gff,) = torch.autograd.grad(lff.sum(), h16f)
     res["loss_frozen_head_rel"] = [rel(lff, lr), rel(gff, gl[0])]
-    from omnitune.kernels.fused_ops import rms_norm, rms_norm_reference, swiglu, swiglu_reference
+    from omnitune.kernels.fused_ops import rms_norm, rms_norm_reference, weighted_swiglu, weighted_swiglu_reference
 
     xn = torch.randn(2, 300, 2048, device=dev, dtype=torch.bfloat16, requires_grad=True)
     wn = torch.randn(2048, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -399,11 +399,13 @@ def run_smoke() -> dict:
     gb = torch.autograd.grad((b * gn.double()).sum(), (xn, wn))
     res["rms_norm_rel"] = [rel(a, b)] + [rel(u, v.double()) for u, v in zip(ga, gb)]
     gu = torch.randn(777, 1536, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    a = swiglu(gu)
-    (ga,) = torch.autograd.grad((a * a.detach()).sum(), gu)
-    b = swiglu_reference(gu.double())
-    (gb,) = torch.autograd.grad((b * a.detach().double()).sum(), gu)
-    res["swiglu_rel"] = [rel(a, b), rel(ga, gb.double())]
+    delta = torch.randn_like(gu).requires_grad_(True)  # a LoRA delta, added inside the kernel
+    rw = torch.rand(777, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    a = weighted_swiglu(gu, rw, delta)
+    ga = torch.autograd.grad((a * a.detach()).sum(), (gu, rw, delta))
+    b = weighted_swiglu_reference(gu.double(), rw.double(), delta.double())
+    gb = torch.autograd.grad((b * a.detach().double()).sum(), (gu, rw, delta))
+    res["swiglu_rel"] = [rel(a, b)] + [rel(u, v.double()) for u, v in zip(ga, gb)]
     from omnitune.kernels.fused_ops import _rope_reference, apply_rotary_pos_emb
 
     q = torch.randn(1, 4096, 32, 128, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)

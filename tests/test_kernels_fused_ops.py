@@ -1,4 +1,4 @@
-"""Fused norm / SwiGLU swaps keep the model's function; their math is transformers' own."""
+"""Fused norm / SwiGLU / rotary swaps keep the model's function; their math is transformers' own."""
 import torch
 from test_kernels_peft import batch, tiny_thinker
 
@@ -9,8 +9,6 @@ from omnitune.kernels.fused_ops import (
     enable_fused_rope,
     gather_sum,
     rms_norm,
-    swiglu,
-    swiglu_reference,
     weighted_swiglu,
     weighted_swiglu_reference,
 )
@@ -28,8 +26,9 @@ def test_rms_norm_matches_the_transformers_module():
 
 def test_swiglu_is_silu_gate_times_up():
     gu = torch.randn(7, 10, dtype=torch.float64)
-    assert torch.allclose(swiglu(gu), torch.nn.functional.silu(gu[:, :5]) * gu[:, 5:])
-    assert torch.equal(swiglu(gu), swiglu_reference(gu))
+    ones = torch.ones(7, dtype=torch.float64)  # routing weight 1: the plain SwiGLU of the [gate | up] layout
+    assert torch.allclose(weighted_swiglu(gu, ones), torch.nn.functional.silu(gu[:, :5]) * gu[:, 5:])
+    assert torch.equal(weighted_swiglu(gu, ones), weighted_swiglu_reference(gu, ones))
 
 
 def test_enable_fused_norms_swaps_every_thinker_norm_and_keeps_logits():

@@ -2,9 +2,10 @@
 
 The experts hold ~29.0B of the Thinker's weights (48 layers x 128 experts x (1536x2048 + 2048x768)): 54.0 GiB in
 bf16, 15.2 GiB in NF4, so the frozen base shrinks by ~39 GiB; attention, router, embeddings and towers stay bf16.
-The experts are dequantized just in time, per GEMM (again for the backward, never saved), through the omnitune
+The experts are dequantized just in time, per GEMM (by a Triton kernel, kernels/nf4.py), through the omnitune
 experts path's weight-provider seam (kernels/moe_experts.py): the grouped GEMMs, the per-expert LoRA and the
-CUDA-graph step are the same code as for LoRA.
+CUDA-graph step are the same code as for LoRA. The backward dequantizes again, or under checkpointing reuses the
+recompute's stack (`_ProvidedWeightMM`); a dequantized stack never outlives its layer's backward.
 The adapter that comes out is an ordinary PEFT adapter of the bf16 model. Text generation (infer / eval) of a QLoRA
 run loads the Thinker the way it trained, NF4 experts + the adapter unmerged (`load_quantized_thinker`), so it fits
 where training fit; export (and speech output) merge it into the bf16 base.

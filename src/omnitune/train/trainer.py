@@ -16,6 +16,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_bala
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from omnitune.kernels.checkpointing import keep_activations
 from omnitune.kernels.cuda_graph import GraphCaptureError
 from omnitune.train.graphed_step import GraphedTrainStep
 from omnitune.train.loss import token_losses, weighted_loss
@@ -202,6 +203,4 @@ class KeepActivations(TrainerCallback):
         self.layers = layers
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from omnitune.kernels.checkpointing import keep_activations
-
         keep_activations(model, self.layers)
