@@ -157,7 +157,7 @@ def profile_print(step, label: str, steps: int) -> None:
     if out_dir:
         by_shape = prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total", row_limit=120, max_name_column_width=50, max_shapes_column_width=90)
-        with open(os.path.join(out_dir, f"prof_{label}.txt"), "w") as f:
+        with open(os.path.join(out_dir, f"prof_{label.replace('+', '_')}.txt"), "w") as f:
             f.write(f"{table}\n\n{by_shape}\n")
 
 
@@ -230,7 +230,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     experts = [f"{prefix}.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=attn, target_parameters=experts)
     model = get_peft_model(model, lcfg)
-    # "ours~norms~linear~loss" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
+    # "ours~norms~linear~loss~qkv" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
     # whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
     # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
     # "+qlora" = the experts' weights in 4-bit NF4 (model/qlora.py)
@@ -248,7 +248,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     elif "nockpt" not in extra:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
     # "+keepN": the last N layers without checkpointing (kernels/checkpointing.keep_activations)
-    keep = [int(e[len("keep"):]) for e in extra if e.startswith("keep")]
+    keep = [int(e[len("keep"):]) for e in extra if e.startswith("keep") and e != "keepauto"]
     if keep:
         from omnitune.kernels.checkpointing import keep_activations
 
@@ -257,7 +257,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     if impl == "ours":
         assert K.enable_fast_expert_lora(model) == layers
         if "linear" not in off:
-            assert K.enable_fast_lora_linear(model) == 4 * layers
+            assert K.enable_fast_lora_linear(model, share_inputs="qkv" not in off) == 4 * layers
         if "norms" not in off:
             K.enable_fused_norms(model)
         if "rope" not in off:
@@ -268,6 +268,14 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
             quantize_experts(model)
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
+    auto = {}
+    if "keepauto" in extra:  # as many layers as the GPU holds, decided as `omnitune train` does (the default)
+        from omnitune.kernels.checkpointing import auto_uncheckpointed_layers, keep_activations
+
+        plan = auto_uncheckpointed_layers(model, seq)
+        keep_activations(model, plan.layers)
+        auto = dict(keep_layers=plan.layers, per_layer_gib=plan.per_layer_bytes / 2**30,
+                    headroom_gib=plan.headroom_bytes / 2**30)
     chunked_loss = impl == "ours" and "loss" not in off
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -318,7 +326,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
                 peak_gib=peak_gib(), build_s=build_s, host_syncs_per_step=syncs,
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries") if DEVICE == "cuda" else None,
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                trainable_params=sum(p.numel() for p in params), times_ms=times,
+                trainable_params=sum(p.numel() for p in params), times_ms=times, **auto,
                 **({"first_host_sync": sync_report, "eager_calls": graph_step.graphs.eager_calls,
                     "graphs": len(graph_step.graphs.graphs)} if graphed else {}))
 
@@ -425,11 +433,20 @@ def run_smoke() -> dict:
     return res
 
 
+def run_peak(n: int = 8192) -> dict:
+    """The GPU's dense bf16 matmul rate on random data (n^3), the ceiling the MFU constant stands for."""
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    ms = statistics.median(cuda_time_ms(lambda: a @ b, warmup=3, iters=10))
+    return dict(part="peak", n=n, ms=ms, tflops=2 * n**3 / ms / 1e9, mfu_constant_tflops=PEAK_FLOPS / 1e12)
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def child(spec: str) -> None:
     part, *rest = spec.split(":")
     if part == "smoke":
         result = run_smoke()
+    elif part == "peak":
+        result = run_peak()
     elif part == "layer":
         result = run_layer(rest[0])
     else:
@@ -450,7 +467,8 @@ def spawn(spec: str, timeout: int) -> dict:
     if proc.returncode != 0 or not lines:
         err = proc.stderr.strip().splitlines()
         oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
-        return dict(spec=spec, error="OOM" if oom else "\n".join(err[-15:]), wall_s=time.time() - t0)
+        captures = [ln[:400] for ln in err if "capture failed" in ln]  # the first of a retried capture too
+        return dict(spec=spec, error="OOM" if oom else "\n".join(captures + err[-15:]), wall_s=time.time() - t0)
     out = json.loads(lines[-1][len("RESULT "):])
     out["wall_s"] = time.time() - t0
     return out
@@ -478,7 +496,8 @@ def table(results: list[dict]) -> str:
         impl, *extra = impl.split("+")
         label = "transformers grouped_mm + PEFT" if impl == "peft" else "omnitune" + "".join(
             {"graph": " + CUDA graph", "sac": " + selective ckpt", "sacmm": " + selective ckpt (GEMMs kept)",
-             "qlora": " + NF4 experts (QLoRA)", "nockpt": " + no checkpointing"}.get(e)
+             "qlora": " + NF4 experts (QLoRA)", "nockpt": " + no checkpointing",
+             "keepauto": f" + last {r.get('keep_layers')} layers not checkpointed (auto)"}.get(e)
             or f" + last {e[len('keep'):]} layers not checkpointed" for e in extra) + (
             f" (no {'/'.join(off)})" if off else "")
         if r.get("layers", 48) != 48:

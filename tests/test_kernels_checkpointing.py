@@ -2,7 +2,7 @@
 import pytest
 import torch
 from peft import get_peft_model
-from test_kernels_peft import assert_same, batch, lora_config, loss_logits_grads, tiny_thinker
+from test_kernels_peft import EXPERTS, assert_same, batch, lora_config, loss_logits_grads, tiny_thinker
 
 from omnitune.kernels import enable_fast_lora
 from omnitune.kernels.checkpointing import decoder_layers, keep_activations, selective_checkpoint_context
@@ -37,7 +37,8 @@ def test_the_last_layers_can_skip_checkpointing_with_the_same_grads():
         keep_activations(model, -1)
 
 
-def test_the_trainer_takes_checkpointing_off_the_last_layers_after_switching_it_on(tmp_path):
+def _train_one_checkpointed_step(tmp_path, keep):
+    """One OmniTrainer step on CPU with checkpointing switched on by the Trainer and KeepActivations(keep)."""
     from transformers import TrainingArguments
 
     from omnitune.data.collate import OmniCollator
@@ -50,8 +51,92 @@ def test_the_trainer_takes_checkpointing_off_the_last_layers_after_switching_it_
                              report_to=[], save_strategy="no", remove_unused_columns=False, disable_tqdm=True,
                              activation_checkpointing=True,
                              activation_checkpointing_kwargs={"use_reentrant": False})
-    trainer = OmniTrainer(model=model, args=args, train_dataset=samples, callbacks=[KeepActivations(2)],
+    trainer = OmniTrainer(model=model, args=args, train_dataset=samples, callbacks=[KeepActivations(keep, 24)],
                           data_collator=OmniCollator(0, {"text": 1.0, "audio": 1.0, "vision": 1.0}))
     trainer.train()
+    return model
+
+
+def test_the_trainer_takes_checkpointing_off_the_last_layers_after_switching_it_on(tmp_path):
+    model = _train_one_checkpointed_step(tmp_path, 2)
     flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
     assert flags == [True] * (len(flags) - 2) + [False, False]
+
+
+def _saved_bytes_of_a_forward(model, ids):
+    """Storages autograd keeps over one whole forward (parameters, the last layer's input and the rotary tables
+    left out, as layer_activation_bytes does), tallied from outside the layers."""
+    from omnitune.kernels.checkpointing import saved_tensor_bytes
+
+    held = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def note_inputs(module, args, kwargs):
+        held.update(t.untyped_storage().data_ptr() for t in (args[0], *kwargs["position_embeddings"]))
+
+    hook = decoder_layers(model)[-1].register_forward_pre_hook(note_inputs, with_kwargs=True)
+    try:
+        return saved_tensor_bytes(lambda: model(input_ids=ids), held)
+    finally:
+        hook.remove()
+
+
+def test_measuring_saved_tensors_leaves_nothing_alive():
+    """A saved output handed back to autograd by the hook would hold its own grad_fn: that cycle kept the
+    measured layer's graph (and the adapters' AccumulateGrad nodes) alive and broke the next CUDA-graph capture."""
+    import weakref
+
+    from omnitune.kernels.checkpointing import saved_tensor_bytes
+
+    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    out = []
+
+    def forward():
+        y = x.sigmoid()  # sigmoid saves its own output
+        out.append(weakref.ref(y))
+
+    assert saved_tensor_bytes(forward) == 8000
+    assert out[0]() is None
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_layer_activation_bytes_is_what_an_unchecked_last_layer_adds_to_a_checkpointed_forward(qlora):
+    """Measured from outside: the forward with the last layer kept minus the fully checkpointed one. With NF4
+    experts too: the dequantized stack, which only checkpointing's hooks make the experts save, is not counted."""
+    from omnitune.kernels.checkpointing import layer_activation_bytes
+    from omnitune.model.qlora import quantize_experts
+
+    model = get_peft_model(tiny_thinker("omnitune"), lora_config())
+    enable_fast_lora(model)
+    bf16_experts = layer_activation_bytes(model, 24)
+    if qlora:
+        quantize_experts(model)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(10, 240, (1, 24))
+    all_checkpointed = _saved_bytes_of_a_forward(model, ids)
+    keep_activations(model, 1)
+    last_kept = _saved_bytes_of_a_forward(model, ids)
+    measured = layer_activation_bytes(model, 24)
+    assert measured > 0 and measured == last_kept - all_checkpointed
+    # NF4 experts keep the same activations plus the expert offsets (int32 [E]) for rebuilding their weights
+    assert measured == bf16_experts + (4 * EXPERTS if qlora else 0)
+    assert decoder_layers(model)[-1].gradient_checkpointing is False  # the measurement restored the flag
+    assert 1.8 < layer_activation_bytes(model, 48) / measured < 2.2  # ~linear in tokens (SDPA attention)
+
+
+def test_auto_keeps_as_many_layers_as_the_headroom_holds():
+    from omnitune.kernels.checkpointing import auto_uncheckpointed_layers
+
+    model = get_peft_model(tiny_thinker("omnitune"), lora_config())
+    enable_fast_lora(model)
+    per_layer = auto_uncheckpointed_layers(model, 16, headroom_bytes=0).per_layer_bytes
+    layers = len(decoder_layers(model))
+    assert [auto_uncheckpointed_layers(model, 16, headroom_bytes=h).layers
+            for h in (-5, per_layer - 1, per_layer, 2 * per_layer - 1, 100 * per_layer)] == [0, 0, 1, 1, layers]
+    plan = auto_uncheckpointed_layers(model, 16, headroom_bytes=per_layer)
+    assert (plan.per_layer_bytes, plan.headroom_bytes) == (per_layer, per_layer)
+
+
+def test_auto_keeps_every_layer_checkpointed_on_cpu(tmp_path):
+    model = _train_one_checkpointed_step(tmp_path, "auto")
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(model))

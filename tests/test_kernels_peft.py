@@ -183,3 +183,31 @@ def test_fast_lora_in_bf16_is_as_close_to_fp64_as_peft_in_bf16():
     assert rel(fast_logits, ref_logits) < 2 * rel(peft_logits, ref_logits) + 2e-2
     grad_err = lambda grads: statistics.median(rel(grads[n], ref_grads[n]) for n in ref_grads)  # noqa: E731
     assert grad_err(fast_grads) < 2 * grad_err(peft_grads) + 2e-2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_q_k_v_lora_share_one_computation_and_match_peft(checkpointing, monkeypatch):
+    """q/k/v read the same normed input: one shared LoRA computation per attention call (the checkpoint recompute
+    makes a second), logits and every gradient as PEFT computes them."""
+    from omnitune.kernels import enable_fast_lora
+    from omnitune.kernels import peft_lora
+
+    attn = [f"model.language_model.layers.{i}.self_attn.{p}" for i in range(LAYERS)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=attn, init_lora_weights=False)
+    inputs = batch()
+    model = get_peft_model(tiny_thinker("omnitune"), config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ref = loss_logits_grads(model, inputs)
+    enable_fast_lora(model)
+    calls = []
+    apply = peft_lora._SharedInputLoRAFunction.apply
+    monkeypatch.setattr(peft_lora._SharedInputLoRAFunction, "apply",
+                        lambda x, scalings, *a: calls.append(len(scalings)) or apply(x, scalings, *a))
+    fast = loss_logits_grads(model, inputs)
+    assert calls.count(1) == calls.count(3) and len(calls) == 2 * calls.count(3)  # o_proj alone, q/k/v together
+    assert calls.count(3) == LAYERS * (2 if checkpointing else 1)
+    assert_same(fast, ref)
+    assert sum("k_proj.lora_A" in n for n in fast[1]) == LAYERS

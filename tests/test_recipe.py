@@ -95,3 +95,7 @@ def test_uncheckpointed_layers_without_checkpointing_is_a_clear_error():
     assert ok.train.uncheckpointed_layers == 4
     with pytest.raises(RecipeError, match="uncheckpointed_layers"):
         load_recipe("demo", ["train.uncheckpointed_layers=-1"])
+    with pytest.raises(RecipeError, match="uncheckpointed_layers"):
+        load_recipe("demo", ["train.uncheckpointed_layers=most"])
+    # the default, auto (as many as the GPU holds), is no error without checkpointing: there is nothing to keep
+    assert load_recipe("demo", ["train.gradient_checkpointing=false"]).train.uncheckpointed_layers == "auto"

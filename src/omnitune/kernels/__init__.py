@@ -34,11 +34,11 @@ def disable_fast_lora(model):
     return _disable(model)
 
 
-def enable_fast_lora_linear(model):
-    """PEFT lora.Linear layers compute LoRA in the activation dtype with a fused add (see `peft_lora`)."""
+def enable_fast_lora_linear(model, share_inputs: bool = True):
+    """PEFT lora.Linear layers compute LoRA in the activation dtype with a fused add, q/k/v together (`peft_lora`)."""
     from .peft_lora import enable_fast_lora_linear as _enable
 
-    return _enable(model)
+    return _enable(model, share_inputs)
 
 
 def enable_fast_expert_lora(model):

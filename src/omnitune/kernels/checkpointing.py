@@ -12,11 +12,14 @@ Measured (H100, 4096 tokens, CUDA graph): the attention-output policy 2.7% faste
 `keep_activations(model, n)`: the last n decoder layers skip checkpointing altogether (no recompute), for the
 memory left over. Measured on an H100 at 4096 tokens (bench/: `+keepN`, `+nockpt`): 0.375 GiB per layer kept;
 bf16 LoRA with 16 layers kept 8.3% faster at 73.4 GiB (24 ran out of memory); QLoRA without any checkpointing
-48.0 GiB.
+48.0 GiB. `auto_uncheckpointed_layers(model, tokens)` picks n from the GPU's memory: it measures what one layer
+keeps (`layer_activation_bytes`) and leaves room for gradients, AdamW states and the step's own peak.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -70,3 +73,91 @@ def keep_activations(model: torch.nn.Module, layers: int) -> int:
         if i >= len(stack) - layers:
             layer.gradient_checkpointing = False
     return sum(bool(layer.gradient_checkpointing) for layer in stack)
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: set[int] = frozenset()) -> int:
+    """Bytes of the storages autograd saves for the backward while `fn` runs, storages whose data_ptr is in `exclude`
+    left out. The hook keeps a detached alias of each saved tensor until `fn`'s graph is dropped (so no storage is
+    freed and reused under another tensor mid-count), never the tensor itself: handing a saved output back would
+    tie it to its own grad_fn, a reference cycle that outlives the call and keeps every AccumulateGrad node alive
+    (it broke the next CUDA-graph capture). Ops that save differently under checkpointing's hooks see this hook as
+    none (`omnitune_transparent`), so the count is what an unhooked forward keeps."""
+    kept: dict[int, int] = {}
+
+    def tally(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t.detach()
+
+    def no_backward(_: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("saved_tensor_bytes measures a forward: its graph has no backward")
+
+    tally.omnitune_transparent = True
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(tally, no_backward):
+        fn()
+    return sum(kept.values())
+
+
+def layer_activation_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes the last decoder layer keeps for its backward at `tokens` tokens when it is not checkpointed.
+
+    Measured, not modelled: the real layer (adapters, fast paths, attention kernel of this device) runs once on
+    random input under `saved_tensor_bytes`. Parameters, the layer's input and the shared rotary tables are left
+    out: they are held whether the layer is checkpointed or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text_model = base.model.language_model
+    layer = decoder_layers(model)[-1]
+    weight = text_model.embed_tokens.weight
+    hidden = torch.randn(1, tokens, weight.shape[-1], device=weight.device, dtype=weight.dtype, requires_grad=True)
+    position_ids = torch.arange(tokens, device=weight.device).view(1, 1, -1).expand(3, 1, -1)
+    position_embeddings = text_model.rotary_emb(hidden, position_ids)
+    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), hidden, *position_embeddings)}
+    checkpointed, training = layer.gradient_checkpointing, layer.training
+    layer.gradient_checkpointing = False
+    layer.train()
+    try:
+        return saved_tensor_bytes(
+            lambda: layer(hidden, attention_mask=None, position_embeddings=position_embeddings), held)
+    finally:
+        layer.gradient_checkpointing = checkpointed
+        layer.train(training)
+
+
+@dataclass
+class KeepPlan:
+    """What `auto_uncheckpointed_layers` decided, and from which numbers (for the log line)."""
+    layers: int
+    per_layer_bytes: int
+    headroom_bytes: int
+
+
+STEP_RESERVE_BYTES = 1 << 30  # the loss chunk's logits and other workspace of one step, beyond the model
+MEMORY_MARGIN = 0.05  # of the card, left free against fragmentation and what the estimate misses
+
+
+def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes: int, replicas: int = 1) -> int:
+    """Free GPU memory a fully checkpointed step leaves over: the card less what is allocated now, the trainable
+    parameters' gradients and AdamW states (3 copies; one more per DDP gradient bucket copy, `replicas` > 1), the
+    checkpoint boundaries (one [tokens, hidden] per layer), one layer's recompute (x2 for its backward) and a reserve."""
+    weight = next(p for p in model.parameters())
+    device = weight.device
+    total = torch.cuda.get_device_properties(device).total_memory
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    layers = decoder_layers(model)
+    hidden = model.get_input_embeddings().weight
+    boundaries = len(layers) * tokens * hidden.shape[-1] * hidden.element_size()
+    needed = (torch.cuda.memory_allocated(device) + trainable * (3 + (replicas > 1)) + boundaries
+              + 2 * per_layer_bytes + STEP_RESERVE_BYTES)
+    return int(total * (1 - MEMORY_MARGIN)) - needed
+
+
+def auto_uncheckpointed_layers(model: torch.nn.Module, tokens: int, headroom_bytes: int | None = None,
+                               replicas: int = 1) -> KeepPlan:
+    """How many of the last decoder layers can keep their activations at `tokens` tokens per micro-batch: as many
+    as the headroom holds (`training_headroom_bytes` on CUDA; pass `headroom_bytes` to decide for other memory)."""
+    per_layer = layer_activation_bytes(model, tokens)
+    if headroom_bytes is None:
+        headroom_bytes = training_headroom_bytes(model, tokens, per_layer, replicas)
+    fit = max(0, headroom_bytes) // max(per_layer, 1)
+    return KeepPlan(min(len(decoder_layers(model)), int(fit)), per_layer, headroom_bytes)

@@ -206,8 +206,16 @@ def _rope_reference(q, k, cos, sin, unsqueeze_dim=1):
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' apply_rotary_pos_emb (same math), one fused kernel each way on CUDA."""
-    return compiled_on_cuda("rope", _rope_reference, q)(q, k, cos, sin, unsqueeze_dim)
+    """transformers' apply_rotary_pos_emb (same math), one fused kernel each way on CUDA.
+
+    q and k arrive as [B, H, S, D] views of [B, S, H, D] projections. They are rotated in that memory order: the
+    attention kernel then reads, and writes its output, in [B, S, H, D] order, so the attention's transpose back
+    to [B, S, H*D] is free instead of one copy forward and one backward per layer."""
+    fn = compiled_on_cuda("rope", _rope_reference, q)
+    if unsqueeze_dim == 1 and q.dim() == 4:
+        q_rot, k_rot = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+        return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
+    return fn(q, k, cos, sin, unsqueeze_dim)
 
 
 _original_rope = None

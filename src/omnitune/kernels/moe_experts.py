@@ -129,8 +129,10 @@ class _ProvidedWeightMM(torch.autograd.Function):
     def forward(ctx, x, offsets, experts, name, force_loop):
         ctx.experts, ctx.name, ctx.force_loop = experts, name, force_loop
         weight = expert_weight(experts, name)
-        # torch.utils.checkpoint asks the same question (its own forward runs under such hooks)
-        hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        # torch.utils.checkpoint asks the same question (its own forward runs under such hooks); a hook that only
+        # measures (kernels/checkpointing.layer_activation_bytes) must see what an unhooked forward keeps
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        hooked = hooks is not None and not getattr(hooks[0], "omnitune_transparent", False)
         ctx.save_for_backward(offsets, weight if hooked else None)
         return grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
 

@@ -3,7 +3,8 @@
 Experts: PEFT `target_parameters` LoRA on fused experts goes through the omnitune grouped path.
 Linear layers (attention q/k/v/o): PEFT computes LoRA in the adapter dtype (fp32 next to a bf16 base), which
 costs several fp32 passes over [tokens, out] per projection; the fast forward computes it in the activation dtype
-as one small GEMM plus one fused `addmm` into the base output (fp32 accumulation inside the GEMMs).
+as one small GEMM plus one fused `addmm` into the base output (fp32 accumulation inside the GEMMs); q/k/v, which
+read the same input, share one GEMM for their LoRA A products and one for their gradients (`SharedInputLoRA`).
 `enable_fast_lora(peft_model)` switches both on; `disable_fast_lora` restores PEFT's forwards.
 
 PEFT 0.21 wraps the experts module in nested `ParamWrapper`s (one per targeted parameter). Its forward registers a
@@ -123,6 +124,11 @@ def _fast_linear_applies(layer: LoraLinear) -> bool:
 def _fast_linear_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or not _fast_linear_applies(self):
         return LoraLinear.forward(self, x, *args, **kwargs)
+    group: SharedInputLoRA | None = getattr(self, _GROUP, None)
+    if group is not None:
+        out = group.output(self, x)
+        if out is not None:
+            return out
     result = self.base_layer(x)
     out_2d = result.reshape(-1, result.shape[-1])
     for a in self.active_adapters:
@@ -134,17 +140,127 @@ def _fast_linear_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> 
     return out_2d.view(result.shape)
 
 
+# ------------------------------------------------------------- q/k/v: LoRA layers that read the same input
+_GROUP = "_omnitune_shared_input"
+SHARED_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+class _SharedInputLoRAFunction(torch.autograd.Function):
+    """y_i = x W_i^T + s_i (x A_i^T) B_i^T for projections i that read the same x. Forward: ONE GEMM for x A^T of
+    all of them; backward: ONE GEMM for all the A gradients, and dX accumulated in place by the GEMMs (beta=1)
+    instead of one add pass per projection and adapter. Frozen base weights (LoRA): no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, scalings, ranks, *tensors):
+        n = len(scalings)
+        weights, lora_a, lora_b = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        a_cat = torch.cat([a.to(x.dtype) for a in lora_a])  # [sum r, in]
+        xa = x @ a_cat.T
+        b_cast = [b.to(x.dtype) for b in lora_b]
+        outs, start = [], 0
+        for w, b, s, r in zip(weights, b_cast, scalings, ranks):
+            # out of place: selective checkpointing may have cached the base product for its recompute
+            outs.append(torch.addmm(x @ w.to(x.dtype).T, xa[:, start:start + r], b.T, alpha=s))
+            start += r
+        ctx.save_for_backward(x, xa, a_cat, *weights, *b_cast)
+        ctx.scalings, ctx.ranks, ctx.dtypes = scalings, ranks, [t.dtype for t in (*lora_a, *lora_b)]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, xa, a_cat, *rest = ctx.saved_tensors
+        n = len(ctx.scalings)
+        weights, b_cast = rest[:n], rest[n:]
+        dx = torch.zeros_like(x) if all(g is None for g in grads) else None
+        d_xa = torch.zeros_like(xa)
+        grad_b, start = [], 0
+        for g, w, b, s, r in zip(grads, weights, b_cast, ctx.scalings, ctx.ranks):
+            sl = slice(start, start + r)
+            start += r
+            if g is None:
+                grad_b.append(torch.zeros_like(b))
+                continue
+            dx = g @ w.to(g.dtype) if dx is None else dx.addmm_(g, w.to(g.dtype))
+            d_xa[:, sl] = torch.mm(g, b).mul_(s)
+            grad_b.append(torch.mm(g.T, xa[:, sl]).mul_(s))
+        grad_a = torch.split(d_xa.T @ x, list(ctx.ranks))
+        dx.addmm_(d_xa, a_cat)
+        grads_ab = [t.to(dtype) for t, dtype in zip((*grad_a, *grad_b), ctx.dtypes)]
+        return (dx, None, None, *([None] * n), *grads_ab)
+
+
+class SharedInputLoRA:
+    """The q/k/v LoRA layers of one attention module. The first of them called with an input computes all of their
+    outputs through `_SharedInputLoRAFunction` and hands the others theirs when they are called with the SAME
+    tensor (the attention forward projects one normed input three times); any other call computes alone."""
+
+    def __init__(self, layers: list[LoraLinear]):
+        self.layers = layers
+        self._pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+    def _applies(self) -> bool:
+        names = [tuple(a for a in layer.active_adapters if a in layer.lora_A) for layer in self.layers]
+        return len(set(names)) == 1 and len(names[0]) == 1 and all(
+            type(layer.base_layer) is torch.nn.Linear and layer.base_layer.bias is None
+            and not layer.base_layer.weight.requires_grad
+            and isinstance(layer.lora_dropout[names[0][0]], torch.nn.Identity) and _fast_linear_applies(layer)
+            for layer in self.layers)
+
+    def output(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """This layer's output for x (from the shared computation), or None when it must compute alone."""
+        if self._pending is not None and self._pending[0] is x and id(layer) in self._pending[1]:
+            out = self._pending[1].pop(id(layer))
+            if not self._pending[1]:
+                self._pending = None
+            return out
+        self._pending = None
+        if not self._applies():
+            return None
+        adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+        x2d = x.reshape(-1, x.shape[-1])
+        outs = _SharedInputLoRAFunction.apply(
+            x2d, tuple(m.scaling[adapter] for m in self.layers), tuple(m.r[adapter] for m in self.layers),
+            *(m.base_layer.weight for m in self.layers), *(m.lora_A[adapter].weight for m in self.layers),
+            *(m.lora_B[adapter].weight for m in self.layers))
+        outs = {id(m): y.view(*x.shape[:-1], y.shape[-1]) for m, y in zip(self.layers, outs)}
+        mine = outs.pop(id(layer))
+        self._pending = (x, outs) if outs else None
+        return mine
+
+
+def _shared_input_groups(model: torch.nn.Module, share_inputs: bool) -> list[list[LoraLinear]]:
+    """The q/k/v LoRA layers of each attention module as one group (if `share_inputs`), every other one alone:
+    a group of one still gets the in-place dX accumulation of `_SharedInputLoRAFunction`."""
+    groups, grouped = [], set()
+    for module in model.modules() if share_inputs else ():
+        layers = [getattr(module, n, None) for n in SHARED_INPUT_PROJECTIONS]
+        layers = [m for m in layers if isinstance(m, LoraLinear)]
+        if len(layers) >= 2:
+            groups.append(layers)
+            grouped.update(id(m) for m in layers)
+    return groups + [[m] for m in _lora_linears(model) if id(m) not in grouped]
+
+
 def _lora_linears(model: torch.nn.Module) -> list[LoraLinear]:
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
-def enable_fast_lora_linear(model: torch.nn.Module) -> int:
-    """Compute PEFT LoRA of every `lora.Linear` in `model` in the activation dtype with a fused add; returns count."""
+def enable_fast_lora_linear(model: torch.nn.Module, share_inputs: bool = True) -> int:
+    """Compute PEFT LoRA of every `lora.Linear` in `model` in the activation dtype with a fused add, the q/k/v ones
+    of each attention module together (`SharedInputLoRA`, unless `share_inputs` is False); returns how many.
+    Layers the shared function does not cover (biases, dropout, several adapters, ...) fall back per call."""
+    for layers in _shared_input_groups(model, share_inputs):
+        group = SharedInputLoRA(layers)
+        for layer in layers:
+            setattr(layer, _GROUP, group)
     return _install(_lora_linears(model), _fast_linear_forward)
 
 
 def disable_fast_lora_linear(model: torch.nn.Module) -> int:
     """Undo `enable_fast_lora_linear`; returns how many layers were restored."""
+    for layer in _lora_linears(model):
+        if hasattr(layer, _GROUP):
+            delattr(layer, _GROUP)
     return _uninstall(_lora_linears(model))
 
 

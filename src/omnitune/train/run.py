@@ -120,6 +120,14 @@ def print_summary(model: torch.nn.Module, console: Console) -> None:
     console.print(table)
 
 
+def micro_batch_tokens(recipe: Recipe) -> int:
+    """The most tokens one micro-batch can hold (padded or packed), rounded up to the CUDA-graph bucket."""
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    if uses_cuda_graphs(recipe):
+        tokens = -(-tokens // recipe.train.graph_bucket) * recipe.train.graph_bucket
+    return tokens
+
+
 def enable_selective_checkpointing(model: torch.nn.Module, recipe: Recipe) -> None:
     """Per-layer checkpointing whose recompute reuses the saved attention outputs (kernels/checkpointing.py)."""
     t = recipe.train
@@ -213,8 +221,9 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None)
     callbacks = [MetricsLog(run.metrics)]
-    if recipe.train.uncheckpointed_layers:  # the recipe requires gradient_checkpointing with it
-        callbacks.append(KeepActivations(recipe.train.uncheckpointed_layers))
+    if recipe.train.gradient_checkpointing and recipe.train.uncheckpointed_layers:
+        callbacks.append(KeepActivations(recipe.train.uncheckpointed_layers, micro_batch_tokens(recipe),
+                                         report=console.print))
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
@@ -16,7 +17,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_bala
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from omnitune.kernels.checkpointing import keep_activations
+from omnitune.kernels.checkpointing import auto_uncheckpointed_layers, decoder_layers, keep_activations
 from omnitune.kernels.cuda_graph import GraphCaptureError
 from omnitune.train.graphed_step import GraphedTrainStep
 from omnitune.train.loss import token_losses, weighted_loss
@@ -197,10 +198,23 @@ class MetricsLog(TrainerCallback):
 
 class KeepActivations(TrainerCallback):
     """Takes checkpointing off the last `layers` decoder layers once the Trainer has switched it on for all of them
-    (it does so inside train(), before on_train_begin)."""
+    (it does so inside train(), before on_train_begin). "auto": as many as the GPU's memory holds at `tokens`
+    tokens per micro-batch (kernels/checkpointing.auto_uncheckpointed_layers); none on CPU."""
 
-    def __init__(self, layers: int):
-        self.layers = layers
+    def __init__(self, layers: int | Literal["auto"], tokens: int, report: Callable[[str], object] = print):
+        self.layers, self.tokens, self.report = layers, tokens, report
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        keep_activations(model, self.layers)
+        stack = decoder_layers(model)
+        if not any(getattr(layer, "gradient_checkpointing", False) for layer in stack):
+            return
+        layers = self.layers
+        if layers == "auto":
+            if next(model.parameters()).device.type != "cuda":
+                return
+            plan = auto_uncheckpointed_layers(model, self.tokens, replicas=args.world_size)
+            layers = plan.layers
+            self.report(f"activations: the last {layers} of {len(stack)} layers skip checkpointing "
+                        f"({plan.per_layer_bytes / 2**30:.2f} GiB each at {self.tokens} tokens, "
+                        f"{plan.headroom_bytes / 2**30:.1f} GiB free for them)")
+        keep_activations(model, layers)
