@@ -1,7 +1,8 @@
 """Micro-benchmarks of single omnitune kernels against the compiled plain-PyTorch reference they replace.
 
 Each row: one kernel at the real Thinker sizes, CUDA-event time (median of 50), effective bandwidth (bytes read +
-written / time) and whether it equals the reference bit for bit (fp32 sums in another order may differ by rounding). Prints a table, writes bench_kernels.json to $OUT.
+written / time) and whether it equals the reference bit for bit (fp32 sums in another order may differ by rounding;
+the expert-LoRA products: within one bf16 step). Prints a table, writes bench_kernels.json to $OUT.
 Usage (GPU machine): PYTHONPATH=src python bench/bench_kernels.py
 """
 from __future__ import annotations
@@ -56,8 +57,44 @@ def gather_sum_rows() -> list[dict]:
     return rows
 
 
+def expert_lora_rows() -> list[dict]:
+    """The experts' nine rank-16 LoRA products at 4096 tokens x top-8 (32768 rows, ~256 per expert): the Triton
+    kernels (kernels/expert_lora.py) against torch's grouped GEMM, which ran them before."""
+    import omnitune.kernels.expert_lora as L
+    from omnitune.kernels.grouped_gemm import grouped_mm
+
+    S, E, r = 32768, 128, 16
+    row_expert = torch.sort(torch.randint(0, E, (S,), device="cuda")).values
+    offsets = torch.cumsum(torch.bincount(row_expert, minlength=E), 0).to(torch.int32)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+
+    def weight_grad_ref(p, d):  # grouped over the rows (K) dimension
+        return torch._grouped_mm(p.T.contiguous(), d, offs=offsets)
+
+    rows = []
+    for width in (2048, 1536, 768):
+        xa, wide, w = rnd(S, r), rnd(S, width), rnd(E, r, width)
+        cases = {f"expand [S,16] @ [16,{width}]": (
+                     lambda: grouped_mm(xa, w, offsets), lambda: L.expand(xa, w, offsets, row_expert, 1.0),
+                     S * (r + width) * 2),
+                 f"project [S,{width}] @ [{width},16]": (
+                     lambda: grouped_mm(wide, w.transpose(-2, -1), offsets),
+                     lambda: L.project(wide, w, offsets, row_expert, 1.0), S * (r + width) * 2),
+                 f"weight_grad [16,S] @ [S,{width}]": (
+                     lambda: weight_grad_ref(xa, wide), lambda: L.weight_grad(xa, wide, offsets, 1.0),
+                     S * (r + width) * 2)}
+        for kernel, (ref_fn, fast_fn, moved) in cases.items():
+            ref = ref_fn().float()
+            err = float((fast_fn().float() - ref).abs().max() / ref.abs().max())
+            for impl, fn in (("torch grouped_mm", ref_fn), ("triton", fast_fn)):
+                ms = cuda_ms(fn)
+                rows.append(dict(kernel=kernel, impl=impl, ms=ms, gb_s=moved / ms / 1e6,
+                                 exact=impl != "triton" or err < 2 ** -7, max_rel=err if impl == "triton" else 0.0))
+    return rows
+
+
 def main() -> None:
-    rows = nf4_rows() + gather_sum_rows()
+    rows = expert_lora_rows() + nf4_rows() + gather_sum_rows()
     print("| kernel | impl | ms | GB/s | equals reference |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['impl']} | {r['ms']:.3f} | {r['gb_s']:.0f} | {r['exact']} |")

@@ -30,7 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from transformers.integrations.moe import _default_apply_gate
 
-from .fused_ops import gather_sum, weighted_swiglu
+from .expert_lora import LoRAExpand, LoRAProject
+from .fused_ops import compiled_on_cuda, gather_sum, weighted_swiglu
 from .grouped_gemm import grouped_mm
 
 # One LoRA adapter on one fused projection: A [E, r, in], B [E, out, r], scaling. Delta W_e = scaling * B_e @ A_e.
@@ -98,21 +99,40 @@ class _SumSlots(torch.autograd.Function):
 DENSE_LORA_A_MAX_COLS = 2048
 
 
+def _cast_factors_reference(dtype: torch.dtype, *factors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(A, B, A, B, ...) -> A [E, r, in] in `dtype`, B [E, out, r] as a row-major [E, r, out] stack in `dtype` (the
+    layout the LoRA kernels read)."""
+    return tuple(f.to(dtype) if i % 2 == 0 else f.transpose(-2, -1).to(dtype, memory_format=torch.contiguous_format)
+                 for i, f in enumerate(factors))
+
+
+def compute_factors(lora: LoRASpec, dtype: torch.dtype) -> dict[str, list[ExpertLoRA]]:
+    """Every LoRA factor of the layer in the compute dtype, B as rows [E, r, out], cast by ONE compiled function on
+    CUDA: a few fused kernels each way instead of one copy per tensor, whose backward also casts each gradient
+    back to fp32 in PEFT's own [out, r*E] layout with a strided copy (eager: ~0.16 ms per layer at the real size)."""
+    factors = [t for name in PROJECTIONS for a, b, _ in lora.get(name, ()) for t in (a, b)]
+    if not factors:
+        return {}
+    cast = iter(compiled_on_cuda("lora_factors", _cast_factors_reference, factors[0])(dtype, *factors))
+    return {name: [(next(cast), next(cast), s) for _, _, s in lora.get(name, ())] for name in PROJECTIONS}
+
+
 def grouped_linear(
-    experts: torch.nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, loras: Sequence[ExpertLoRA] = (),
-    force_loop: bool = False,
+    experts: torch.nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor,
+    loras: Sequence[ExpertLoRA] = (), force_loop: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """x [S, in] rows grouped by expert -> (x @ W_e^T, [s * (x @ A_e^T) @ B_e^T per adapter]), W = experts.<name>.
-    The LoRA deltas come back separate: the next fused kernel adds them while reading (no [S, out] add pass)."""
+    """x [S, in] rows grouped by expert -> (x @ W_e^T, [s * (x @ A_e^T) @ B_e^T per adapter]), W = experts.<name>,
+    the LoRA factors as `compute_factors` gives them (kernels/expert_lora.py multiplies them). The LoRA deltas come
+    back separate: the next fused kernel adds them while reading (no [S, out] add pass)."""
     if getattr(experts, "omnitune_weight_provider", None) is not None:
         y = _ProvidedWeightMM.apply(x, offsets, experts, name, force_loop)
     else:
         weight = getattr(experts, name)
         y = grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
     deltas = []
-    for lora_a, lora_b, scaling in loras:
-        xa = grouped_mm(x, lora_a.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)  # [S, r]
-        deltas.append(grouped_mm(xa * scaling, _b_rows(lora_b, x.dtype), offsets, force_loop=force_loop))
+    for lora_a, b_rows, scaling in loras:
+        xa = LoRAProject.apply(x, lora_a, offsets, row_expert)  # [S, r]
+        deltas.append(LoRAExpand.apply(xa, b_rows, offsets, row_expert, scaling))
     return y, deltas
 
 
@@ -143,12 +163,6 @@ class _ProvidedWeightMM(torch.autograd.Function):
             weight = expert_weight(ctx.experts, ctx.name)
         weight = weight.to(grad_out.dtype)  # [E, out, in]: dX = dY @ W_e
         return grouped_mm(grad_out, weight, offsets, force_loop=ctx.force_loop), None, None, None, None
-
-
-def _b_rows(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """B [E, out, r] as a row-major [E, r, out] stack in the compute dtype: ONE copy (cast and transpose together),
-    tiny (E*r*out), and the layout the grouped kernel reads fastest."""
-    return lora_b.transpose(-2, -1).to(dtype, memory_format=torch.contiguous_format)
 
 
 def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor, row_weight: torch.Tensor,
@@ -183,7 +197,7 @@ def moe_experts_forward(
         raise NotImplementedError("omnitune experts: expert parallelism is not supported; use 'grouped_mm' there")
     if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
         raise NotImplementedError("omnitune experts expect (out, in) weights without bias, as in Qwen3-Omni")
-    lora = lora or {}
+    lora = compute_factors(lora or {}, hidden_states.dtype)
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
 
@@ -196,16 +210,19 @@ def moe_experts_forward(
     gate_up_loras = lora.get("gate_up_proj", ())
     dense_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] <= DENSE_LORA_A_MAX_COLS]
     grouped_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] > DENSE_LORA_A_MAX_COLS]
-    gate_up, gate_up_deltas = grouped_linear(experts, "gate_up_proj", x_g, offsets, grouped_a, force_loop)
-    for lora_a, lora_b, scaling in dense_a:
+    row_expert = top_k_index.reshape(-1)[perm]  # [S], non-decreasing
+    gate_up, gate_up_deltas = grouped_linear(experts, "gate_up_proj", x_g, offsets, row_expert, grouped_a,
+                                             force_loop)
+    for lora_a, b_rows, scaling in dense_a:
         # every expert sees the same token rows here, so x @ A^T for ALL experts is one dense GEMM on [T, H]
         # (E*r columns) followed by a gather of each row's own r columns: cheaper than a skinny grouped GEMM.
         num_experts, rank, _ = lora_a.shape
-        xa_all = hidden_states @ lora_a.to(hidden_states.dtype).reshape(num_experts * rank, -1).T  # [T, E*r]
-        xa = xa_all.view(-1, num_experts, rank)[token_of_row, top_k_index.reshape(-1)[perm]]  # [S, r]
-        gate_up_deltas.append(grouped_mm(xa * scaling, _b_rows(lora_b, x_g.dtype), offsets, force_loop=force_loop))
+        xa_all = hidden_states @ lora_a.reshape(num_experts * rank, -1).T  # [T, E*r]
+        xa = xa_all.view(-1, num_experts, rank)[token_of_row, row_expert]  # [S, r]
+        gate_up_deltas.append(LoRAExpand.apply(xa, b_rows, offsets, row_expert, scaling))
     h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm), gate_up_deltas)
-    y, y_deltas = grouped_linear(experts, "down_proj", h, offsets, lora.get("down_proj", ()), force_loop)
+    y, y_deltas = grouped_linear(experts, "down_proj", h, offsets, row_expert, lora.get("down_proj", ()),
+                                 force_loop)
     return _SumSlots.apply(inv_perm, token_of_row, top_k, y, *y_deltas).to(hidden_states.dtype)  # token order
 
 
