@@ -58,8 +58,9 @@ def gather_sum_rows() -> list[dict]:
 
 
 def expert_lora_rows() -> list[dict]:
-    """The experts' nine rank-16 LoRA products at 4096 tokens x top-8 (32768 rows, ~256 per expert): the Triton
-    kernels (kernels/expert_lora.py) against torch's grouped GEMM, which ran them before."""
+    """The experts' rank-16 LoRA expand and weight-gradient products at 4096 tokens x top-8 (32768 rows, ~256 per
+    expert): the Triton kernels (kernels/expert_lora.py) against what ran them before, torch's grouped GEMM (the
+    weight gradient as its autograd backward computes it)."""
     import omnitune.kernels.expert_lora as L
     from omnitune.kernels.grouped_gemm import grouped_mm
 
@@ -67,28 +68,21 @@ def expert_lora_rows() -> list[dict]:
     row_expert = torch.sort(torch.randint(0, E, (S,), device="cuda")).values
     offsets = torch.cumsum(torch.bincount(row_expert, minlength=E), 0).to(torch.int32)
     rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-
-    def weight_grad_ref(p, d):  # grouped over the rows (K) dimension
-        return torch._grouped_mm(p.T.contiguous(), d, offs=offsets)
-
     rows = []
     for width in (2048, 1536, 768):
-        xa, wide, w = rnd(S, r), rnd(S, width), rnd(E, r, width)
+        xa, grad, w = rnd(S, r), rnd(S, width), rnd(E, r, width).requires_grad_(True)
+        out = grouped_mm(xa, w, offsets)
         cases = {f"expand [S,16] @ [16,{width}]": (
-                     lambda: grouped_mm(xa, w, offsets), lambda: L.expand(xa, w, offsets, row_expert, 1.0),
-                     S * (r + width) * 2),
-                 f"project [S,{width}] @ [{width},16]": (
-                     lambda: grouped_mm(wide, w.transpose(-2, -1), offsets),
-                     lambda: L.project(wide, w, offsets, row_expert, 1.0), S * (r + width) * 2),
+                     lambda: grouped_mm(xa, w.detach(), offsets), lambda: L.expand(xa, w.detach(), offsets, row_expert, 1.0)),
                  f"weight_grad [16,S] @ [S,{width}]": (
-                     lambda: weight_grad_ref(xa, wide), lambda: L.weight_grad(xa, wide, offsets, 1.0),
-                     S * (r + width) * 2)}
-        for kernel, (ref_fn, fast_fn, moved) in cases.items():
+                     lambda: torch.autograd.grad(out, w, grad, retain_graph=True)[0],
+                     lambda: L.weight_grad(xa, grad, offsets, 1.0))}
+        for kernel, (ref_fn, fast_fn) in cases.items():
             ref = ref_fn().float()
             err = float((fast_fn().float() - ref).abs().max() / ref.abs().max())
             for impl, fn in (("torch grouped_mm", ref_fn), ("triton", fast_fn)):
                 ms = cuda_ms(fn)
-                rows.append(dict(kernel=kernel, impl=impl, ms=ms, gb_s=moved / ms / 1e6,
+                rows.append(dict(kernel=kernel, impl=impl, ms=ms, gb_s=S * (r + width) * 2 / ms / 1e6,
                                  exact=impl != "triton" or err < 2 ** -7, max_rel=err if impl == "triton" else 0.0))
     return rows
 

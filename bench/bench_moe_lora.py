@@ -276,6 +276,10 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
         keep_activations(model, plan.layers)
         auto = dict(keep_layers=plan.layers, per_layer_gib=plan.per_layer_bytes / 2**30,
                     headroom_gib=plan.headroom_bytes / 2**30)
+    if "lorakernels" in off:  # the experts' LoRA products all on torch's grouped GEMM (kernels/expert_lora.py)
+        import omnitune.kernels.expert_lora as expert_lora
+
+        expert_lora._triton_applies = lambda *args: False
     chunked_loss = impl == "ours" and "loss" not in off
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
