@@ -106,12 +106,14 @@ def weight_grad(p: torch.Tensor, d: torch.Tensor, offsets: torch.Tensor, scale: 
     """s * p_e^T [r, S_e] @ d_e [S_e, N] per expert -> [E, r, N] (zeros for an expert without rows)."""
     num_experts, rank, cols = offsets.numel(), p.shape[1], d.shape[1]
     if not _triton_applies(rank, p, d):
-        out = p.new_zeros(num_experts, rank, cols)
-        start = 0
-        for e, end in enumerate(offsets.tolist()):
-            out[e] = p[start:end].T @ d[start:end] * scale
-            start = end
-        return out
+        # the grouped GEMM's own weight-gradient backward (what ran before these kernels): no host sync, so it
+        # captures in a CUDA graph, at the price of one throw-away forward product in this fallback
+        w = p.new_zeros(num_experts, rank, cols).requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(grouped_mm(p, w, offsets), w, d, allow_unused=True)
+        if grad is None:  # no rows at all
+            return w.detach()
+        return grad if scale == 1.0 else grad * scale
     p, d = p.contiguous(), d.contiguous()
     out = torch.empty(num_experts, rank, cols, dtype=d.dtype, device=d.device)
     grid = (num_experts, -(-cols // BLOCK_COLS))
