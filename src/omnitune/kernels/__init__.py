@@ -1,11 +1,13 @@
 """Fast training kernels for Qwen3-Omni, each beside the plain PyTorch reference it is tested against.
 
-- `moe_experts`: grouped-GEMM experts forward with per-expert LoRA (experts implementation "omnitune").
+- `moe_experts`: grouped-GEMM experts forward with per-expert LoRA (experts implementation "omnitune");
+  `expert_lora`: its rank-r LoRA products (Triton on CUDA).
 - `peft_lora`: `enable_fast_lora(peft_model)` runs PEFT's LoRA (target_parameters experts + linear layers) through
   the fast paths, on PEFT's own adapter tensors.
 - `fused_ops`: `enable_fused_norms(model)`: RMSNorm (and the experts' SwiGLU) as fused compiled kernels on CUDA.
 - `packing`: `pack_samples` builds padding-free packed rows (position_ids (4, 1, N), per-sample M-RoPE).
-- `checkpointing`: `selective_checkpoint_context()` keeps attention outputs through the checkpoint recompute.
+- `checkpointing`: `selective_checkpoint_context()` keeps attention outputs through the checkpoint recompute;
+  `auto_uncheckpointed_layers` sizes how many layers skip checkpointing from a measured per-layer cost.
 - `loss`: chunked linear + cross-entropy returning per-token losses without holding [N, V] logits.
 """
 from .fused_ops import disable_fused_norms, disable_fused_rope, enable_fused_norms, enable_fused_rope

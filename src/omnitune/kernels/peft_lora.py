@@ -190,9 +190,10 @@ class _SharedInputLoRAFunction(torch.autograd.Function):
 
 
 class SharedInputLoRA:
-    """The q/k/v LoRA layers of one attention module. The first of them called with an input computes all of their
-    outputs through `_SharedInputLoRAFunction` and hands the others theirs when they are called with the SAME
-    tensor (the attention forward projects one normed input three times); any other call computes alone."""
+    """LoRA layers that read one input: the q/k/v of an attention module (or one layer alone). The first of them
+    called with an input computes all of their outputs through `_SharedInputLoRAFunction` and hands the others
+    theirs when they are called with the SAME tensor (the attention forward projects one normed input three
+    times); any other call computes alone."""
 
     def __init__(self, layers: list[LoraLinear]):
         self.layers = layers
