@@ -140,8 +140,7 @@ def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes
     """Free GPU memory a fully checkpointed step leaves over: the card less what is allocated now, the trainable
     parameters' gradients and AdamW states (3 copies; one more per DDP gradient bucket copy, `replicas` > 1), the
     checkpoint boundaries (one [tokens, hidden] per layer), one layer's recompute (x2 for its backward) and a reserve."""
-    weight = next(p for p in model.parameters())
-    device = weight.device
+    device = next(model.parameters()).device
     total = torch.cuda.get_device_properties(device).total_memory
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     layers = decoder_layers(model)

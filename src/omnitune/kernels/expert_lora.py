@@ -81,11 +81,15 @@ def _kernels():
 
 
 # ------------------------------------------------------------------------------------- the three products
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return t if scale == 1.0 else t * scale
+
+
 def expand(xa: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor,
            scale: float) -> torch.Tensor:
     """s * xa [S, r] @ w[e] [r, N] per expert group -> [S, N] (w: [E, r, N])."""
     if not _triton_applies(xa.shape[1], xa, w):
-        return grouped_mm(xa, w, offsets) * scale
+        return _scaled(grouped_mm(xa, w, offsets), scale)
     xa, w = xa.contiguous(), w.contiguous()
     rows, rank = xa.shape
     cols = w.shape[-1]
@@ -98,8 +102,7 @@ def expand(xa: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_expert:
 def project(x: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: float) -> torch.Tensor:
     """s * x [S, K] @ v[e]^T [K, r] per expert group -> [S, r] (v: [E, r, K]): torch's grouped GEMM, which ran
     these faster inside the training step than a Triton kernel of the same shape (see the module docstring)."""
-    y = grouped_mm(x, v.transpose(-2, -1), offsets)
-    return y if scale == 1.0 else y * scale
+    return _scaled(grouped_mm(x, v.transpose(-2, -1), offsets), scale)
 
 
 def weight_grad(p: torch.Tensor, d: torch.Tensor, offsets: torch.Tensor, scale: float) -> torch.Tensor:
@@ -111,9 +114,7 @@ def weight_grad(p: torch.Tensor, d: torch.Tensor, offsets: torch.Tensor, scale: 
         w = p.new_zeros(num_experts, rank, cols).requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(grouped_mm(p, w, offsets), w, d, allow_unused=True)
-        if grad is None:  # no rows at all
-            return w.detach()
-        return grad if scale == 1.0 else grad * scale
+        return w.detach() if grad is None else _scaled(grad, scale)  # None: no rows at all
     p, d = p.contiguous(), d.contiguous()
     out = torch.empty(num_experts, rank, cols, dtype=d.dtype, device=d.device)
     grid = (num_experts, -(-cols // BLOCK_COLS))
