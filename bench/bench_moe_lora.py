@@ -159,6 +159,10 @@ def profile_print(step, label: str, steps: int) -> None:
             sort_by="self_cuda_time_total", row_limit=120, max_name_column_width=50, max_shapes_column_width=90)
         with open(os.path.join(out_dir, f"prof_{label.replace('+', '_')}.txt"), "w") as f:
             f.write(f"{table}\n\n{by_shape}\n")
+        if os.environ.get("BENCH_TRACE"):  # every kernel in launch order, for reading one layer's sequence
+            trace = os.path.join(out_dir, f"trace_{label.replace('+', '_')}.json")
+            prof.export_chrome_trace(trace)
+            subprocess.run(["gzip", "-f", trace], check=True)
 
 
 def peak_gib() -> float:
@@ -187,6 +191,7 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
             p.requires_grad_(True)
     if impl == "ours":
         assert K.enable_fast_expert_lora(block) == 1
+        assert K.enable_fused_router(block) == 1
     x = torch.randn(1, tokens, REAL["hidden"], device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
 
@@ -230,7 +235,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     experts = [f"{prefix}.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=attn, target_parameters=experts)
     model = get_peft_model(model, lcfg)
-    # "ours~norms~linear~loss~qkv" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
+    # "ours~norms~linear~loss~qkv~router" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
     # whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
     # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
     # "+qlora" = the experts' weights in 4-bit NF4 (model/qlora.py)
@@ -262,6 +267,8 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
             K.enable_fused_norms(model)
         if "rope" not in off:
             K.enable_fused_rope()
+        if "router" not in off:
+            K.enable_fused_router(model)
         if "qlora" in extra:  # the experts' bf16 stacks replaced by NF4 (model/qlora.py), dequantized per GEMM
             from omnitune.model.qlora import quantize_experts
 
@@ -292,7 +299,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     thinker = model.base_model.model
 
     def chunked_loss_fn(ids, labels, mask=None):
-        hidden = thinker.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+        hidden = thinker.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[0]
         shifted = torch.cat([labels[0, 1:], labels.new_full((1,), -100)])
         per_token = K.chunked_linear_cross_entropy(hidden, thinker.lm_head.weight, shifted)
         return per_token.sum() / (shifted != -100).sum()
@@ -383,6 +390,32 @@ def run_smoke() -> dict:
          .double() * g).sum(), leaves16))
     res["unused_expert_grads_zero"] = all(bool((gr[used:] == 0).all()) for gr in grads[2:])
     res["all_finite"] = all(bool(torch.isfinite(gr).all()) for gr in grads) and bool(torch.isfinite(out).all())
+    # frozen base (the LoRA case): one autograd node for the base product and the LoRA A products
+    ex.gate_up_proj, ex.down_proj = gu16.detach(), dn16.detach()
+    frozen = [x16, w16, a1, b1, a2, b2]
+    out = moe_experts_forward(ex, x16, idx, w16, lora={"gate_up_proj": [(a1, b1, 2.0)], "down_proj": [(a2, b2, 2.0)]})
+    grads_f = torch.autograd.grad((out.double() * g).sum(), frozen)
+    ref_f = [ref_grads[i] for i in (0, 1, 4, 5, 6, 7)]
+    res["frozen_grad_rel"] = {n: rel(a, b) for n, a, b in zip(["x", "routing_w", "A_gu", "B_gu", "A_down", "B_down"],
+                                                              grads_f, ref_f)}
+    # linear LoRA layers sharing one input (q/k/v), bf16 activations, fp32 adapters, vs fp64
+    from omnitune.kernels.peft_lora import _SharedInputLoRAFunction
+
+    outs_dims, rank, din = (512, 64, 64), 16, 256
+    xs = torch.randn(300, din, device=dev, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(o, din, device=dev, dtype=torch.float64) / din**0.5 for o in outs_dims]
+    la = [(torch.randn(rank, din, device=dev, dtype=torch.float64) * 0.1).requires_grad_(True) for _ in outs_dims]
+    lb = [(torch.randn(o, rank, device=dev, dtype=torch.float64) * 0.1).requires_grad_(True) for o in outs_dims]
+    gs = [torch.randn(300, o, device=dev, dtype=torch.float64) for o in outs_dims]
+    ref = [xs @ w.T + 2.0 * (xs @ a.T) @ b.T for w, a, b in zip(ws, la, lb)]
+    ref_g = torch.autograd.grad(sum((o * gg).sum() for o, gg in zip(ref, gs)), [xs, *la, *lb])
+    x16s = xs.detach().bfloat16().requires_grad_(True)
+    la32 = [a.detach().float().requires_grad_(True) for a in la]
+    lb32 = [b.detach().float().requires_grad_(True) for b in lb]
+    outs = _SharedInputLoRAFunction.apply(x16s, (2.0,) * 3, (rank,) * 3, *(w.bfloat16() for w in ws), *la32, *lb32)
+    got_g = torch.autograd.grad(sum((o.double() * gg).sum() for o, gg in zip(outs, gs)), [x16s, *la32, *lb32])
+    res["shared_lora_rel"] = [rel(o, r_) for o, r_ in zip(outs, ref)] + [rel(a, b) for a, b in zip(got_g, ref_g)]
+    res["shared_lora_grad_dtypes"] = [str(t.dtype) for t in got_g]
 
     h = torch.randn(3000, 512, device=dev, dtype=torch.float64, requires_grad=True)
     W = (torch.randn(20000, 512, device=dev, dtype=torch.float64) / 512**0.5).requires_grad_(True)
@@ -411,12 +444,11 @@ def run_smoke() -> dict:
     gb = torch.autograd.grad((b * gn.double()).sum(), (xn, wn))
     res["rms_norm_rel"] = [rel(a, b)] + [rel(u, v.double()) for u, v in zip(ga, gb)]
     gu = torch.randn(777, 1536, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    delta = torch.randn_like(gu).requires_grad_(True)  # a LoRA delta, added inside the kernel
     rw = torch.rand(777, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    a = weighted_swiglu(gu, rw, delta)
-    ga = torch.autograd.grad((a * a.detach()).sum(), (gu, rw, delta))
-    b = weighted_swiglu_reference(gu.double(), rw.double(), delta.double())
-    gb = torch.autograd.grad((b * a.detach().double()).sum(), (gu, rw, delta))
+    a = weighted_swiglu(gu, rw)
+    ga = torch.autograd.grad((a * a.detach()).sum(), (gu, rw))
+    b = weighted_swiglu_reference(gu.double(), rw.double())
+    gb = torch.autograd.grad((b * a.detach().double()).sum(), (gu, rw))
     res["swiglu_rel"] = [rel(a, b)] + [rel(u, v.double()) for u, v in zip(ga, gb)]
     from omnitune.kernels.fused_ops import _rope_reference, apply_rotary_pos_emb
 
@@ -430,6 +462,8 @@ def run_smoke() -> dict:
     res["rope_rel"] = [rel(qa, qb), rel(ka, kb)] + [rel(u, v.double()) for u, v in zip(ga, gb)]
     ok = all(v < 1e-2 for v in res["rms_norm_rel"] + res["swiglu_rel"] + res["rope_rel"])
     ok = ok and res["fwd_rel"] < 2e-2 and all(v < 3e-2 for v in res["grad_rel"].values()) and res["unused_expert_grads_zero"]
+    ok = ok and all(v < 3e-2 for v in res["frozen_grad_rel"].values()) and all(v < 2e-2 for v in res["shared_lora_rel"])
+    ok = ok and res["shared_lora_grad_dtypes"] == ["torch.bfloat16"] + ["torch.float32"] * 6
     ok = ok and res["all_finite"] and res["loss_rel"] < 1e-2 and all(v < 2e-2 for v in res["loss_grad_rel"])
     ok = ok and all(v < 2e-2 for v in res["loss_frozen_head_rel"])
     res["ok"] = bool(ok)

@@ -42,6 +42,21 @@ def test_enable_fused_norms_swaps_every_thinker_norm_and_keeps_logits():
         assert disable_fused_norms(model) == n
 
 
+def test_fused_norms_fuse_each_decoder_layers_residual_add_and_keep_gradients():
+    model = tiny_thinker("omnitune")
+    inputs = batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = torch.autograd.grad(model(**inputs).logits.square().mean(), params, allow_unused=True)
+    enable_fused_norms(model)
+    layers = model.model.language_model.layers
+    assert all("forward" in vars(layer) for layer in layers)  # the decoder layers' forwards are swapped too
+    got = torch.autograd.grad(model(**inputs).logits.square().mean(), params, allow_unused=True)
+    for a, b in zip(got, ref):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    disable_fused_norms(model)
+    assert not any("forward" in vars(layer) for layer in layers)
+
+
 def test_fused_rope_patch_keeps_logits_and_is_reversible():
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
 
@@ -59,21 +74,20 @@ def test_fused_rope_patch_keeps_logits_and_is_reversible():
     assert modeling.apply_rotary_pos_emb is original
 
 
-def test_weighted_swiglu_backward_is_the_gradient_of_its_forward_with_lora_deltas():
-    """The hand-written backward (one fused kernel on CUDA) against autograd of the forward, fp64."""
+def test_weighted_swiglu_backward_is_the_gradient_of_its_forward():
+    """The hand-written backward (one Triton kernel on CUDA, the reference here) against autograd of the forward."""
     torch.manual_seed(0)
     gate_up = torch.randn(37, 12, dtype=torch.float64, requires_grad=True)
-    deltas = [torch.randn(37, 12, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     w = torch.rand(37, dtype=torch.float64, requires_grad=True)
     grad_h = torch.randn(37, 6, dtype=torch.float64)
-    ref = weighted_swiglu_reference(gate_up, w, *deltas)
-    expected = torch.autograd.grad((ref * grad_h).sum(), (gate_up, w, *deltas))
-    out = weighted_swiglu(gate_up, w, *deltas)
-    got = torch.autograd.grad((out * grad_h).sum(), (gate_up, w, *deltas))
+    ref = weighted_swiglu_reference(gate_up, w)
+    expected = torch.autograd.grad((ref * grad_h).sum(), (gate_up, w))
+    out = weighted_swiglu(gate_up, w)
+    got = torch.autograd.grad((out * grad_h).sum(), (gate_up, w))
     torch.testing.assert_close(out, ref)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
-    gate, up = (gate_up + deltas[0] + deltas[1]).chunk(2, dim=-1)
+    gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(ref, torch.nn.functional.silu(gate) * up * w[:, None])
 
 
@@ -83,26 +97,6 @@ def test_gather_sum_undoes_the_permutation_and_sums_each_tokens_slots():
     perm = torch.randperm(tokens * top_k)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
-    rows = [torch.randn(tokens * top_k, 4, dtype=torch.float64) for _ in range(2)]
-    expected = torch.stack([sum(r[inv[t * top_k + k]] for r in rows for k in range(top_k)) for t in range(tokens)])
-    torch.testing.assert_close(gather_sum(inv, top_k, *rows), expected)
-
-
-def test_weighted_swiglu_with_lora_deltas_keeps_one_pre_activation_for_the_backward():
-    """The backward needs gate_up + deltas only: one [S, 2I] tensor is saved, not gate_up and each delta."""
-    gate_up = torch.randn(16, 8, requires_grad=True)
-    deltas = [torch.randn(16, 8, requires_grad=True) for _ in range(2)]
-    w = torch.rand(16, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = weighted_swiglu(gate_up, w, *deltas)
-    wide = [t for t in saved if t.shape == gate_up.shape]
-    assert len(wide) == 1 and not any(t is gate_up or any(t is d for d in deltas) for t in wide)
-    torch.testing.assert_close(wide[0], gate_up + deltas[0] + deltas[1])
-    out.sum().backward()
-    assert all(d.grad is not None for d in deltas)
+    rows = torch.randn(tokens * top_k, 4, dtype=torch.float64)
+    expected = torch.stack([sum(rows[inv[t * top_k + k]] for k in range(top_k)) for t in range(tokens)])
+    torch.testing.assert_close(gather_sum(inv, top_k, rows), expected)

@@ -109,6 +109,37 @@ def test_route_sorts_once_and_offsets_count_tokens_per_expert():
     assert offs.dtype == torch.int32
 
 
+@pytest.mark.parametrize("num_experts", [256, 300], ids=["uint8-keys", "int32-keys"])
+def test_route_permutation_is_the_stable_sort_of_the_int64_indices(num_experts):
+    """route sorts narrowed keys (fewer radix passes); the permutation must be exactly the stable int64 one."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, num_experts, (500, 8))
+    idx[0, 0] = num_experts - 1  # the largest expert id survives the narrowing
+    perm, _ = route(idx, num_experts)
+    assert torch.equal(perm, torch.sort(idx.reshape(-1), stable=True).indices)
+
+
+def test_lora_factor_gradients_come_back_in_the_parameters_layout():
+    """PEFT stores an expert B as [out, r*E] and the path reads it through a permuted view; the gradient for that
+    view must have the view's strides, so that undoing the permute and the reshape is free (no strided copy)."""
+    from omnitune.kernels.moe_experts import _CastFactors
+
+    E, r, d_in, d_out = 4, 3, 10, 6
+    a_param = torch.randn(E * r, d_in, requires_grad=True)
+    b_param = torch.randn(d_out, r * E, requires_grad=True)
+    a = a_param.reshape(E, r, d_in)
+    b = b_param.reshape(d_out, r, E).permute(2, 0, 1)
+    grads = []
+    a_c, b_rows = _CastFactors.apply(torch.float64, a, b)
+    assert b_rows.shape == (E, r, d_out) and b_rows.is_contiguous()
+    b.register_hook(lambda g: grads.append(g))
+    ga, gb = torch.randn_like(a_c), torch.randn_like(b_rows)
+    (a_c * ga).sum().add((b_rows * gb).sum()).backward()
+    assert grads[0].stride() == b.stride()
+    torch.testing.assert_close(b_param.grad, gb.double().transpose(-2, -1).permute(1, 2, 0).reshape(d_out, r * E).float())
+    torch.testing.assert_close(a_param.grad, ga.reshape(E * r, d_in).float())
+
+
 @pytest.mark.parametrize("counts", [[0, 5, 0, 3], [0, 0, 0, 0], [7, 0, 0, 1]])
 def test_grouped_mm_loop_handles_empty_groups(counts):
     x = torch.randn(sum(counts), 8, dtype=torch.float64)

@@ -35,16 +35,32 @@ def test_the_kernels_compile_for_an_h100():
     compile_for_h100(_nf4_kernel(), {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "codes_ptr": "*fp32",
                                      "out_ptr": "*bf16", "n_bytes": "i64"},
                      {"BYTES": BYTES_PER_PROGRAM, "BYTES_PER_SCALE": BLOCK // 2})
-    for two in (False, True):
-        compile_for_h100(_gather_sum_kernel(), {"index_ptr": "*i64", "a_ptr": "*bf16", "b_ptr": "*bf16",
-                                                "out_ptr": "*bf16", "width": "i32"},
-                         {"TOP_K": 8, "TWO": two, "COLS": GATHER_SUM_COLS})
+    compile_for_h100(_gather_sum_kernel(), {"index_ptr": "*i64", "rows_ptr": "*bf16", "out_ptr": "*bf16",
+                                            "width": "i32"}, {"TOP_K": 8, "COLS": GATHER_SUM_COLS})
+    from omnitune.kernels.fused_ops import SWIGLU_COLS, SWIGLU_ROWS, _swiglu_backward_kernel
+
+    compile_for_h100(_swiglu_backward_kernel(), {"gate_up_ptr": "*bf16", "grad_ptr": "*bf16", "w_ptr": "*bf16",
+                                                 "d_gate_up_ptr": "*bf16", "d_w_ptr": "*bf16", "rows": "i32",
+                                                 "inter": "i32"}, {"BM": SWIGLU_ROWS, "BN": SWIGLU_COLS})
+    from omnitune.kernels.router import TOKENS_PER_PROGRAM
+    from omnitune.kernels.router import _kernels as router_kernels
+
+    forward, backward = router_kernels()
+    for normalize in (False, True):
+        compile_for_h100(forward, {"logits_ptr": "*bf16", "scores_ptr": "*bf16", "indices_ptr": "*i64",
+                                   "tokens": "i32"}, {"E": 128, "K": 8, "NORMALIZE": normalize,
+                                                      "BT": TOKENS_PER_PROGRAM})
+        compile_for_h100(backward, {"logits_ptr": "*bf16", "indices_ptr": "*i64", "grad_ptr": "*bf16",
+                                    "d_logits_ptr": "*bf16", "tokens": "i32"},
+                         {"E": 128, "K": 8, "NORMALIZE": normalize, "BT": TOKENS_PER_PROGRAM})
     from omnitune.kernels.expert_lora import BLOCK_COLS, BLOCK_ROWS, _kernels
 
     expand, weight_grad = _kernels()
     tiles = {"R": 16, "BM": BLOCK_ROWS}
-    compile_for_h100(expand, {"xa_ptr": "*bf16", "w_ptr": "*bf16", "row_expert_ptr": "*i64", "out_ptr": "*bf16",
-                              "rows": "i32", "cols": "i32", "scale": "fp32"}, {**tiles, "BN": BLOCK_COLS})
+    for acc in (False, True):
+        compile_for_h100(expand, {"xa_ptr": "*bf16", "w_ptr": "*bf16", "row_expert_ptr": "*i64", "out_ptr": "*bf16",
+                                  "rows": "i32", "cols": "i32", "scale": "fp32"},
+                         {**tiles, "BN": BLOCK_COLS, "ACC": acc})
     compile_for_h100(weight_grad, {"p_ptr": "*bf16", "d_ptr": "*bf16", "offsets_ptr": "*i32", "out_ptr": "*bf16",
                                    "cols": "i32", "scale": "fp32"}, {**tiles, "BN": BLOCK_COLS})
 
@@ -64,21 +80,43 @@ print("ok")
 """)
 
 
-def test_gather_sum_kernel_matches_the_reference_for_one_and_two_row_tensors():
+def test_gather_sum_kernel_matches_the_reference():
     run_interpreted("""
 import torch
 from omnitune.kernels.fused_ops import gather_sum_reference, gather_sum_triton
 torch.manual_seed(0)
 S, K, H = 48, 4, 1500  # H not a multiple of the columns per program: masked tail
 perm = torch.randperm(S)
-for n in (1, 2):
-    rows = [torch.randn(S, H) for _ in range(n)]
-    fast, ref = gather_sum_triton(perm, K, *rows), gather_sum_reference(perm, K, *rows)
-    assert fast.shape == (S // K, H)
-    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-5)
-    rows = [r.bfloat16() for r in rows]
-    fast, ref = gather_sum_triton(perm, K, *rows).float(), gather_sum_reference(perm, K, *rows).float()
-    assert float((fast - ref).abs().max() / ref.abs().max()) < 2 ** -7
+rows = torch.randn(S, H)
+fast, ref = gather_sum_triton(perm, K, rows), gather_sum_reference(perm, K, rows)
+assert fast.shape == (S // K, H)
+torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-5)
+rows = rows.bfloat16()
+fast, ref = gather_sum_triton(perm, K, rows).float(), gather_sum_reference(perm, K, rows).float()
+assert float((fast - ref).abs().max() / ref.abs().max()) < 2 ** -7
+print("ok")
+""")
+
+
+def test_swiglu_backward_kernel_matches_the_reference():
+    """Rows and columns not multiples of the kernel's blocks (masked tails), in fp32 and bf16 (elementwise math and
+    a row sum: no tl.dot, so the interpreter's bf16 is usable)."""
+    run_interpreted("""
+import torch
+from omnitune.kernels.fused_ops import weighted_swiglu_backward_reference, weighted_swiglu_backward_triton
+torch.manual_seed(0)
+S, I = 37, 300
+gate_up, grad, w = torch.randn(S, 2 * I), torch.randn(S, I), torch.rand(S)
+fast = weighted_swiglu_backward_triton(grad, gate_up, w)
+ref = weighted_swiglu_backward_reference(grad, gate_up, w)
+for f, r in zip(fast, ref):
+    assert f.shape == r.shape and f.dtype == r.dtype
+    torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+fast = weighted_swiglu_backward_triton(grad.bfloat16(), gate_up.bfloat16(), w.bfloat16())
+ref = weighted_swiglu_backward_reference(grad.double(), gate_up.bfloat16().double(), w.bfloat16().double())
+for f, r in zip(fast, ref):
+    assert f.dtype == torch.bfloat16
+    assert float((f.double() - r).abs().max() / r.abs().max()) < 2 ** -7
 print("ok")
 """)
 
@@ -102,10 +140,35 @@ ref_expand = grouped_mm_loop(xa, b_rows, offsets) * 0.5
 ref_grad = torch.stack([xa[offsets[e] - counts[e]:offsets[e]].T @ d[offsets[e] - counts[e]:offsets[e]]
                         for e in range(E)]) * 0.5
 L._triton_applies = lambda rank, *ts: True  # the kernels under the interpreter, on CPU tensors
+base = torch.randn(S, N)
 got = [L.expand(xa, b_rows, offsets, row_expert, 0.5), L.weight_grad(xa, d, offsets, 0.5)]
+into = L.expand(xa, b_rows, offsets, row_expert, 0.5, out=base.clone())  # accumulated in place
+torch.testing.assert_close(into, base + ref_expand, rtol=1e-5, atol=1e-5)
 for g, ref in zip(got, (ref_expand, ref_grad)):
     assert g.shape == ref.shape
     torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
 assert not got[1][[0, 3, 4, 8]].any()  # experts without rows: zero gradient
+print("ok")
+""")
+
+
+def test_router_top_k_kernels_match_the_transformers_math():
+    """Forward (scores, indices, descending) and backward (d logits through softmax, top-k and renormalising) against
+    autograd of the reference, with and without renormalising; tokens not a multiple of the block (masked tail)."""
+    run_interpreted("""
+import torch
+from omnitune.kernels.router import (top_k_softmax_backward_triton, top_k_softmax_reference,
+                                     top_k_softmax_triton)
+torch.manual_seed(0)
+for normalize in (False, True):
+    logits = torch.randn(37, 64, requires_grad=True)
+    ref_scores, ref_idx = top_k_softmax_reference(logits, 8, normalize)
+    scores, idx = top_k_softmax_triton(logits.detach(), 8, normalize)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores.detach(), rtol=1e-6, atol=1e-7)
+    grad = torch.randn(37, 8)
+    (expected,) = torch.autograd.grad((ref_scores * grad).sum(), logits)
+    got = top_k_softmax_backward_triton(logits.detach(), idx, grad, normalize)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 print("ok")
 """)

@@ -5,6 +5,7 @@
 - `peft_lora`: `enable_fast_lora(peft_model)` runs PEFT's LoRA (target_parameters experts + linear layers) through
   the fast paths, on PEFT's own adapter tensors.
 - `fused_ops`: `enable_fused_norms(model)`: RMSNorm (and the experts' SwiGLU) as fused compiled kernels on CUDA.
+- `router`: `enable_fused_router(model)`: the MoE router's softmax -> top-k -> renormalise, one kernel each way.
 - `packing`: `pack_samples` builds padding-free packed rows (position_ids (4, 1, N), per-sample M-RoPE).
 - `checkpointing`: `selective_checkpoint_context()` keeps attention outputs through the checkpoint recompute;
   `auto_uncheckpointed_layers` sizes how many layers skip checkpointing from a measured per-layer cost.
@@ -12,6 +13,7 @@
 """
 from .fused_ops import disable_fused_norms, disable_fused_rope, enable_fused_norms, enable_fused_rope
 from .loss import chunked_linear_cross_entropy, reference_linear_cross_entropy
+from .router import disable_fused_router, enable_fused_router
 from .moe_experts import (
     moe_experts_forward,
     omnitune_experts_forward,
@@ -73,4 +75,6 @@ __all__ = [
     "enable_fused_rope",
     "disable_fused_rope",
     "disable_fast_expert_lora",
+    "enable_fused_router",
+    "disable_fused_router",
 ]

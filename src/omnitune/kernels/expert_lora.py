@@ -2,7 +2,7 @@
 
 Per layer the expert LoRA runs nine skinny grouped GEMMs (r = 16 on one side). They take three shapes:
 
-  expand       out [S, N] = s * xa [S, r] @ W_e [r, N]        (LoRA B forward; dX of LoRA A)   Triton
+  expand       out [S, N] (+)= s * xa [S, r] @ W_e [r, N]     (LoRA B forward; dX of LoRA A)   Triton
   project      y [S, r]   = s * X [S, K] @ V_e [r, K]^T       (LoRA A forward; d(xa) of LoRA B) torch grouped GEMM
   weight_grad  G_e [r, N] = s * P_e [S_e, r]^T @ D_e [S_e, N] (the gradients of A and B)        Triton
 
@@ -13,6 +13,8 @@ on the grouped GEMM. Rows are sorted by expert (`row_expert` [S], non-decreasing
 row counts). A block of rows can span several experts: expand loops over the experts of its block, masking the
 rows of the others. `LoRAExpand` / `LoRAProject` are the autograd functions the experts path calls; elsewhere than
 CUDA they compute the same with the plain grouped GEMM (`grouped_mm`), which is also the tests' reference.
+The LoRA B product is added into the base projection's output in place (`LoRAExpand`): the next kernel (SwiGLU,
+the gather-sum) then reads one [S, N] tensor instead of two, and no delta tensor is ever written or kept.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _kernels():
 
     @triton.jit
     def expand(xa_ptr, w_ptr, row_expert_ptr, out_ptr, rows, cols, scale,
-               R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+               R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
         m = tl.program_id(0) * BM + tl.arange(0, BM)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         r = tl.arange(0, R)
@@ -55,7 +57,11 @@ def _kernels():
                         other=0.0)
             acc += tl.dot(tl.where((row_e == e)[:, None], xa, 0.0).to(w.dtype), w)
         out = out_ptr + m.to(tl.int64)[:, None] * cols + n[None, :]
-        tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        ok = m_ok[:, None] & n_ok[None, :]
+        acc = acc * scale
+        if ACC:  # out += s * xa @ W_e: one read-modify-write of the base output, summed in fp32
+            acc += tl.load(out, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def weight_grad(p_ptr, d_ptr, offsets_ptr, out_ptr, cols, scale,
@@ -86,16 +92,22 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def expand(xa: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor,
-           scale: float) -> torch.Tensor:
-    """s * xa [S, r] @ w[e] [r, N] per expert group -> [S, N] (w: [E, r, N])."""
+           scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """s * xa [S, r] @ w[e] [r, N] per expert group -> [S, N] (w: [E, r, N]); with `out` (contiguous [S, N]) the
+    product is added into it in place and `out` is returned."""
     if not _triton_applies(xa.shape[1], xa, w):
-        return _scaled(grouped_mm(xa, w, offsets), scale)
+        product = _scaled(grouped_mm(xa, w, offsets), scale)
+        return product if out is None else out.add_(product)
     xa, w = xa.contiguous(), w.contiguous()
     rows, rank = xa.shape
     cols = w.shape[-1]
-    out = torch.empty(rows, cols, dtype=xa.dtype, device=xa.device)
+    acc = out is not None
+    if out is None:
+        out = torch.empty(rows, cols, dtype=xa.dtype, device=xa.device)
+    elif not out.is_contiguous():
+        raise ValueError("expand: `out` must be contiguous")
     grid = (-(-rows // BLOCK_ROWS), -(-cols // BLOCK_COLS))
-    _kernels()[0][grid](xa, w, row_expert, out, rows, cols, scale, R=rank, BM=BLOCK_ROWS, BN=BLOCK_COLS)
+    _kernels()[0][grid](xa, w, row_expert, out, rows, cols, scale, R=rank, BM=BLOCK_ROWS, BN=BLOCK_COLS, ACC=acc)
     return out
 
 
@@ -124,13 +136,15 @@ def weight_grad(p: torch.Tensor, d: torch.Tensor, offsets: torch.Tensor, scale: 
 
 # ------------------------------------------------------------------------------------- autograd
 class LoRAExpand(torch.autograd.Function):
-    """out = s * xa @ B_e-rows per expert (the LoRA B product): dxa = s * dout @ B_e^T, dB = s * xa_e^T dout_e."""
+    """base += s * xa @ B_e-rows per expert, in place (the LoRA B product added into the base projection's output):
+    dxa = s * dbase @ B_e^T, dB = s * xa_e^T dbase_e, and dbase passes through unchanged."""
 
     @staticmethod
-    def forward(ctx, xa, b_rows, offsets, row_expert, scale):
+    def forward(ctx, xa, b_rows, offsets, row_expert, scale, base):
         ctx.save_for_backward(xa, b_rows, offsets, row_expert)
         ctx.scale = scale
-        return expand(xa, b_rows, offsets, row_expert, scale)
+        ctx.mark_dirty(base)
+        return expand(xa, b_rows, offsets, row_expert, scale, out=base)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -138,7 +152,7 @@ class LoRAExpand(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         d_xa = project(grad_out, b_rows, offsets, ctx.scale) if ctx.needs_input_grad[0] else None
         d_b = weight_grad(xa, grad_out, offsets, ctx.scale).to(b_rows.dtype) if ctx.needs_input_grad[1] else None
-        return d_xa, d_b, None, None, None
+        return d_xa, d_b, None, None, None, grad_out
 
 
 class LoRAProject(torch.autograd.Function):

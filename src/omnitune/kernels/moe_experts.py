@@ -6,19 +6,19 @@ both stored (out, in) per expert. The router hands over `top_k_index` / `top_k_w
 One forward:
   1. route: ONE stable sort of the T*K (token, slot) pairs by expert -> permutation + int32 offsets;
   2. gather the token rows in expert order (x_g [T*K, H]);
-  3. gate_up = x_g @ W_gu[e]^T  (+ s * (x_g @ A_e^T) @ B_e^T per LoRA adapter), one grouped GEMM each;
-  4. h = act(gate) * up; down = h @ W_d[e]^T (+ LoRA the same way);
+  3. gate_up = x_g @ W_gu[e]^T  (+= s * (x_g @ A_e^T) @ B_e^T per LoRA adapter, in place), one grouped GEMM each;
+  4. h = act(gate) * up; down = h @ W_d[e]^T (+= LoRA the same way);
      (the routing weight of each row is applied to h, inside the fused SwiGLU: the down projection is linear);
   5. undo the permutation and sum the K slots of each token.
-W + BA is never formed. Gradients come from autograd through the grouped GEMMs, so the three training cases
-(frozen base + LoRA, trainable router, full fine-tune) differ only in which tensors require grad; a frozen base
-weight gets no weight-gradient GEMM at all.
+W + BA is never formed. The three training cases (frozen base + LoRA, trainable router, full fine-tune) differ only
+in which tensors require grad: a frozen base goes through one autograd node with its LoRA A products
+(`_FrozenExpertsMM`, no weight-gradient GEMM at all), a trainable one through autograd of the grouped GEMM.
 
 Quantized experts (QLoRA) seam: set `experts.omnitune_weight_provider = fn` where `fn(experts, name)` returns the
 [E, out, in] compute-dtype stack for `name` in ("gate_up_proj", "down_proj"), e.g. dequantized 4-bit blocks
 (model/qlora.py). Provided weights are frozen: the forward calls the provider per projection and the backward calls
 it again for dX instead of saving the stack (under checkpointing the recompute's stack serves the backward,
-`_ProvidedWeightMM`). LoRA factors are passed separately and are unaffected.
+`_FrozenExpertsMM`). LoRA factors are passed separately and are unaffected.
 
 Registered with transformers as experts implementation "omnitune":
 `model.set_experts_implementation("omnitune")` or `from_pretrained(..., experts_implementation="omnitune")`.
@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from transformers.integrations.moe import _default_apply_gate
 
-from .expert_lora import LoRAExpand, LoRAProject
+from .expert_lora import LoRAExpand, LoRAProject, expand, project, weight_grad
 from .fused_ops import compiled_on_cuda, gather_sum, weighted_swiglu
 from .grouped_gemm import grouped_mm
 
@@ -53,7 +53,10 @@ def expert_weight(experts: torch.nn.Module, name: str) -> torch.Tensor:
 def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One stable sort of the flattened (token, slot) pairs by expert: (perm [T*K], offsets [E] int32)."""
     flat = top_k_index.reshape(-1)
-    _, perm = torch.sort(flat, stable=True)
+    # the radix sort makes one pass per key byte: 8 for the router's int64 indices, 1 for uint8 (H200 profile:
+    # 8 passes of ~5.4 us per layer)
+    keys = flat.to(torch.uint8) if num_experts <= 256 else flat.to(torch.int32)
+    _, perm = torch.sort(keys, stable=True)
     # scatter_add, not bincount: bincount reads the max back to the host, a sync per layer that stalls the
     # CPU/GPU pipeline (the whole training step is launch-bound, so every sync is paid in full)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
@@ -61,36 +64,49 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     return perm, offsets
 
 
-class _GatherTokens(torch.autograd.Function):
-    """x [T, H] -> x[perm // K] [S, H]; backward gathers back and sums the K copies (one fused kernel, no atomics)."""
+class _ExpertInputs(torch.autograd.Function):
+    """The experts' inputs from the token rows x [T, H]: x[token_of_row] [S, H] in expert order, and for each LoRA A
+    given (A [E, r, H], few columns) x @ A_e^T [S, r] as one dense GEMM over all experts [T, E*r] and a pick of each
+    row's (token, expert) columns. One node, so the backward builds dX in one buffer: the gather-sum of the rows'
+    gradients (one fused kernel, no atomics), then each dense A's product added into it by the GEMM (beta=1), where
+    autograd would add the two in a pass of its own. (token, expert) pairs are distinct (top-k experts are), so the
+    pick's backward is a plain scatter, not the sorting accumulate of advanced indexing's backward."""
 
     @staticmethod
-    def forward(ctx, x, token_of_row, inv_perm, top_k):
-        ctx.save_for_backward(inv_perm)
+    def forward(ctx, x, token_of_row, inv_perm, pick, top_k, *lora_a):
+        ctx.save_for_backward(x if lora_a else None, inv_perm, pick, *lora_a)
         ctx.top_k = top_k
-        return x.index_select(0, token_of_row)
+        xas = [(x @ a.reshape(-1, a.shape[-1]).T).view(-1, a.shape[1])[pick] for a in lora_a]
+        return (x.index_select(0, token_of_row), *xas)
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        (inv_perm,) = ctx.saved_tensors
-        return gather_sum(inv_perm, ctx.top_k, grad_rows), None, None, None
+    def backward(ctx, grad_rows, *grad_xas):
+        x, inv_perm, pick, *lora_a = ctx.saved_tensors
+        dx = gather_sum(inv_perm, ctx.top_k, grad_rows.contiguous()) if ctx.needs_input_grad[0] else None
+        grad_as = []
+        for i, (a, d_xa) in enumerate(zip(lora_a, grad_xas)):
+            num_experts, rank, hidden = a.shape
+            d_all = d_xa.new_zeros(x.shape[0] * num_experts, rank).index_copy_(0, pick, d_xa)
+            d_all = d_all.view(x.shape[0], num_experts * rank)
+            if dx is not None:
+                dx.addmm_(d_all, a.reshape(-1, hidden))
+            grad_as.append((d_all.T @ x).view_as(a) if ctx.needs_input_grad[5 + i] else None)
+        return dx, None, None, None, None, *grad_as
 
 
 class _SumSlots(torch.autograd.Function):
-    """rows [S, H] in expert order (base output + LoRA deltas, routing weight already applied) ->
-    out[t] = sum_k sum_i rows_i[inv_perm[t*K + k]]: one fused gather + sum; backward is one gather of grad_out,
-    shared by all the rows' tensors."""
+    """rows [S, H] in expert order (LoRA included, routing weight already applied) ->
+    out[t] = sum_k rows[inv_perm[t*K + k]]: one fused gather + sum; backward is one gather of grad_out."""
 
     @staticmethod
-    def forward(ctx, inv_perm, token_of_row, top_k, *rows):
+    def forward(ctx, inv_perm, token_of_row, top_k, rows):
         ctx.save_for_backward(token_of_row)
-        return gather_sum(inv_perm, top_k, *rows)
+        return gather_sum(inv_perm, top_k, rows)
 
     @staticmethod
     def backward(ctx, grad_out):
         (token_of_row,) = ctx.saved_tensors
-        grad = grad_out.index_select(0, token_of_row)
-        return (None, None, None, *([grad] * (len(ctx.needs_input_grad) - 3)))
+        return None, None, None, grad_out.index_select(0, token_of_row)
 
 
 # The dense x @ A_all^T trick below costs T*H*E*r MACs against (T*K)*H*r for the grouped product (E/K = 16x more
@@ -106,76 +122,117 @@ def _cast_factors_reference(dtype: torch.dtype, *factors: torch.Tensor) -> tuple
                  for i, f in enumerate(factors))
 
 
+def _factor_grads_reference(orders: tuple[tuple[int, ...], ...], dtypes: tuple[torch.dtype, ...],
+                            *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients of `_cast_factors_reference`'s inputs, each laid out as its input is in memory (dims in
+    `orders[i]`, outermost first) and contiguous in that order."""
+    return tuple((g if i % 2 == 0 else g.transpose(-2, -1)).permute(order).to(dtype, memory_format=torch.contiguous_format)
+                 for i, (g, order, dtype) in enumerate(zip(grads, orders, dtypes)))
+
+
+def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """t's dims from outermost to innermost in memory (t a permuted view of a dense tensor, as PEFT's factors are)."""
+    return tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
+class _CastFactors(torch.autograd.Function):
+    """`_cast_factors_reference` whose backward returns each gradient in its factor's own memory layout. PEFT's
+    expert B [out, r*E] arrives as a permuted view; a gradient in the view's logical order would have to be copied
+    into the parameter's layout by a strided elementwise copy (H200 profile: ~60 us per layer); here the transpose
+    is one fused (tiled) kernel together with the cast back to fp32."""
+
+    @staticmethod
+    def forward(ctx, dtype, *factors):
+        ctx.orders = tuple(_memory_order(f) for f in factors)
+        ctx.dtypes = tuple(f.dtype for f in factors)
+        return compiled_on_cuda("lora_factors", _cast_factors_reference, factors[0])(dtype, *factors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        fn = compiled_on_cuda("lora_factor_grads", _factor_grads_reference, grads[0])
+        laid_out = fn(ctx.orders, ctx.dtypes, *grads)
+        inverse = [tuple(sorted(range(len(o)), key=o.__getitem__)) for o in ctx.orders]
+        return None, *(g.permute(inv) for g, inv in zip(laid_out, inverse))
+
+
 def compute_factors(lora: LoRASpec, dtype: torch.dtype) -> dict[str, list[ExpertLoRA]]:
     """Every LoRA factor of the layer in the compute dtype, B as rows [E, r, out], cast by one compiled function on
-    CUDA (forward and backward: the gradients go back to fp32 in PEFT's [out, r*E] layout). In the H200 profiles
-    this took 0.160 ms per layer against 0.166 for the eager per-tensor copies it replaced: no measurable gain, the
-    transposing copies of B are bound by their strided reads either way."""
+    CUDA (`_CastFactors`: forward and backward, the gradients in the factors' own layouts). The forward took
+    0.160 ms per layer in the H200 profiles against 0.166 for the eager per-tensor copies it replaced."""
     factors = [t for name in PROJECTIONS for a, b, _ in lora.get(name, ()) for t in (a, b)]
     if not factors:
         return {}
-    cast = iter(compiled_on_cuda("lora_factors", _cast_factors_reference, factors[0])(dtype, *factors))
+    cast = iter(_CastFactors.apply(dtype, *factors))
     return {name: [(next(cast), next(cast), s) for _, _, s in lora.get(name, ())] for name in PROJECTIONS}
 
 
 def grouped_linear(
     experts: torch.nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor,
-    loras: Sequence[ExpertLoRA] = (), force_loop: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """x [S, in] rows grouped by expert -> (x @ W_e^T, [s * (x @ A_e^T) @ B_e^T per adapter]), W = experts.<name>,
-    the LoRA factors as `compute_factors` gives them (kernels/expert_lora.py multiplies them). The LoRA deltas come
-    back separate: the next fused kernel adds them while reading (no [S, out] add pass)."""
-    if getattr(experts, "omnitune_weight_provider", None) is not None:
-        y = _ProvidedWeightMM.apply(x, offsets, experts, name, force_loop)
-    else:
-        weight = getattr(experts, name)
-        y = grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
-    deltas = []
-    for lora_a, b_rows, scaling in loras:
-        xa = LoRAProject.apply(x, lora_a, offsets, row_expert)  # [S, r]
-        deltas.append(LoRAExpand.apply(xa, b_rows, offsets, row_expert, scaling))
-    return y, deltas
+    loras: Sequence[ExpertLoRA] = (), force_loop: bool = False, xas: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """x [S, in] rows grouped by expert -> x @ W_e^T + sum over adapters of s * (x @ A_e^T) @ B_e^T, W = experts.<name>,
+    the LoRA factors as `compute_factors` gives them (kernels/expert_lora.py multiplies them). Each LoRA product is
+    added into the base output in place. `xas`: x @ A_e^T already computed for the first len(xas) adapters."""
+    own = [a for a, _, _ in loras[len(xas):]]
+    if getattr(experts, "omnitune_weight_provider", None) is not None or not getattr(experts, name).requires_grad:
+        y, *own_xas = _FrozenExpertsMM.apply(x, offsets, row_expert, experts, name, force_loop, *own)
+    else:  # full fine-tune: autograd through the grouped GEMM gives the weight gradient
+        y = grouped_mm(x, getattr(experts, name).to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
+        own_xas = [LoRAProject.apply(x, a, offsets, row_expert) for a in own]
+    for (_, b_rows, scaling), xa in zip(loras, [*xas, *own_xas]):
+        y = LoRAExpand.apply(xa, b_rows, offsets, row_expert, scaling, y)
+    return y
 
 
-class _ProvidedWeightMM(torch.autograd.Function):
-    """x @ W_e^T with W from the weight provider (frozen, e.g. dequantized NF4).
+class _FrozenExpertsMM(torch.autograd.Function):
+    """(x @ W_e^T, x @ A_e^T for each LoRA A given) for a frozen W (the parameter, or the weight provider's stack, e.g.
+    dequantized NF4). One node for both: its backward adds each LoRA's d(xa) @ A_e into dX in place (expand with
+    accumulation) instead of autograd adding a separate [S, in] gradient per adapter (H200: 33 us per layer).
 
-    Without activation checkpointing W is rebuilt in the backward, not saved: otherwise every layer's dequantized
-    stack would stay alive until its backward. Under saved-tensor hooks (checkpointing) W is saved and the hooks
-    decide: the checkpointed forward drops it, the recompute (run just before this layer's backward) keeps it for
-    the backward, so each layer is dequantized twice per step instead of three times, for one layer's stack held
-    from its recompute to its backward."""
+    A provided W is rebuilt in the backward, not saved, without activation checkpointing: otherwise every layer's
+    dequantized stack would stay alive until its backward. Under saved-tensor hooks (checkpointing) W is saved and
+    the hooks decide: the checkpointed forward drops it, the recompute (run just before this layer's backward) keeps
+    it for the backward, so each layer is dequantized twice per step instead of three times, for one layer's stack
+    held from its recompute to its backward."""
 
     @staticmethod
-    def forward(ctx, x, offsets, experts, name, force_loop):
+    def forward(ctx, x, offsets, row_expert, experts, name, force_loop, *lora_a):
         ctx.experts, ctx.name, ctx.force_loop = experts, name, force_loop
         weight = expert_weight(experts, name)
         # torch.utils.checkpoint asks the same question (its own forward runs under such hooks); a hook that only
         # measures (kernels/checkpointing.layer_activation_bytes) must see what an unhooked forward keeps
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         hooked = hooks is not None and not getattr(hooks[0], "omnitune_transparent", False)
-        ctx.save_for_backward(offsets, weight if hooked else None)
-        return grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
+        provided = getattr(experts, "omnitune_weight_provider", None) is not None
+        ctx.save_for_backward(x if lora_a else None, offsets, row_expert, weight if hooked or not provided else None,
+                              *lora_a)
+        y = grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offsets, force_loop=force_loop)
+        return (y, *(project(x, a, offsets, 1.0) for a in lora_a))
 
     @staticmethod
-    def backward(ctx, grad_out):
-        offsets, weight = ctx.saved_tensors
-        if weight is None:
-            weight = expert_weight(ctx.experts, ctx.name)
-        weight = weight.to(grad_out.dtype)  # [E, out, in]: dX = dY @ W_e
-        return grouped_mm(grad_out, weight, offsets, force_loop=ctx.force_loop), None, None, None, None
+    def backward(ctx, grad_out, *grad_xas):
+        x, offsets, row_expert, weight, *lora_a = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            weight = expert_weight(ctx.experts, ctx.name) if weight is None else weight
+            # [E, out, in]: dX = dY @ W_e
+            dx = grouped_mm(grad_out.contiguous(), weight.to(grad_out.dtype), offsets, force_loop=ctx.force_loop)
+        grad_as = []
+        for i, (a, d_xa) in enumerate(zip(lora_a, grad_xas)):
+            d_xa = d_xa.contiguous()
+            if dx is not None:
+                dx = expand(d_xa, a, offsets, row_expert, 1.0, out=dx)
+            grad_as.append(weight_grad(d_xa, x, offsets, 1.0).to(a.dtype) if ctx.needs_input_grad[6 + i] else None)
+        return dx, None, None, None, None, None, *grad_as
 
 
-def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor, row_weight: torch.Tensor,
-                deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """act(gate_up + deltas) (gate * up) * routing weight of the row. The weight goes in here, not after the down
-    projection: the projection (and its LoRA) is linear, and here it rides along in the fused SwiGLU on [S, I]."""
+def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up * routing weight of the row. The weight goes in here, not after the down projection: the
+    projection (and its LoRA) is linear, and here it rides along in the fused SwiGLU on [S, I]."""
     if type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation") and getattr(
         type(experts), "_apply_gate", _default_apply_gate
     ) is _default_apply_gate:
-        return weighted_swiglu(gate_up, row_weight, *deltas)  # one fused kernel each way on CUDA
-    for d in deltas:
-        gate_up = gate_up + d
+        return weighted_swiglu(gate_up, row_weight)  # one fused kernel each way on CUDA
     apply_gate = getattr(experts, "_apply_gate", None)
     if apply_gate is not None:
         h = apply_gate(gate_up)
@@ -199,32 +256,26 @@ def moe_experts_forward(
     if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
         raise NotImplementedError("omnitune experts expect (out, in) weights without bias, as in Qwen3-Omni")
     lora = compute_factors(lora or {}, hidden_states.dtype)
-    num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
 
     perm, offsets = route(top_k_index, experts.num_experts)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
     token_of_row = perm // top_k
-    x_g = _GatherTokens.apply(hidden_states, token_of_row, inv_perm, top_k)  # [S, H] token rows in expert order
 
     gate_up_loras = lora.get("gate_up_proj", ())
-    dense_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] <= DENSE_LORA_A_MAX_COLS]
-    grouped_a = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] > DENSE_LORA_A_MAX_COLS]
+    # with few enough columns, x @ A^T for ALL experts is one dense GEMM on the token rows [T, H] (E*r columns)
+    # followed by a pick of each row's own r columns: cheaper than a skinny grouped GEMM on the [S, H] rows
+    dense = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] <= DENSE_LORA_A_MAX_COLS]
+    gate_up_loras = dense + [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] > DENSE_LORA_A_MAX_COLS]
     row_expert = top_k_index.reshape(-1)[perm]  # [S], non-decreasing
-    gate_up, gate_up_deltas = grouped_linear(experts, "gate_up_proj", x_g, offsets, row_expert, grouped_a,
-                                             force_loop)
-    for lora_a, b_rows, scaling in dense_a:
-        # every expert sees the same token rows here, so x @ A^T for ALL experts is one dense GEMM on [T, H]
-        # (E*r columns) followed by a gather of each row's own r columns: cheaper than a skinny grouped GEMM.
-        num_experts, rank, _ = lora_a.shape
-        xa_all = hidden_states @ lora_a.reshape(num_experts * rank, -1).T  # [T, E*r]
-        xa = xa_all.view(-1, num_experts, rank)[token_of_row, row_expert]  # [S, r]
-        gate_up_deltas.append(LoRAExpand.apply(xa, b_rows, offsets, row_expert, scaling))
-    h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm), gate_up_deltas)
-    y, y_deltas = grouped_linear(experts, "down_proj", h, offsets, row_expert, lora.get("down_proj", ()),
-                                 force_loop)
-    return _SumSlots.apply(inv_perm, token_of_row, top_k, y, *y_deltas).to(hidden_states.dtype)  # token order
+    pick = token_of_row * experts.num_experts + row_expert  # row of (token, expert) in [T * E]
+    # x_g [S, H]: the token rows in expert order
+    x_g, *xas = _ExpertInputs.apply(hidden_states, token_of_row, inv_perm, pick, top_k, *(a for a, _, _ in dense))
+    gate_up = grouped_linear(experts, "gate_up_proj", x_g, offsets, row_expert, gate_up_loras, force_loop, xas)
+    h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm))
+    y = grouped_linear(experts, "down_proj", h, offsets, row_expert, lora.get("down_proj", ()), force_loop)
+    return _SumSlots.apply(inv_perm, token_of_row, top_k, y).to(hidden_states.dtype)  # token order
 
 
 def omnitune_experts_forward(

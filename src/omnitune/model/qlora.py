@@ -5,7 +5,7 @@ bf16, 15.2 GiB in NF4, so the frozen base shrinks by ~39 GiB; attention, router,
 The experts are dequantized just in time, per GEMM (by a Triton kernel, kernels/nf4.py), through the omnitune
 experts path's weight-provider seam (kernels/moe_experts.py): the grouped GEMMs, the per-expert LoRA and the
 CUDA-graph step are the same code as for LoRA. The backward dequantizes again, or under checkpointing reuses the
-recompute's stack (`_ProvidedWeightMM`); a dequantized stack never outlives its layer's backward.
+recompute's stack (`_FrozenExpertsMM`); a dequantized stack never outlives its layer's backward.
 The adapter that comes out is an ordinary PEFT adapter of the bf16 model. Text generation (infer / eval) of a QLoRA
 run loads the Thinker the way it trained, NF4 experts + the adapter unmerged (`load_quantized_thinker`), so it fits
 where training fit; export (and speech output) merge it into the bf16 base.

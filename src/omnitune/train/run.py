@@ -142,7 +142,7 @@ def enable_selective_checkpointing(model: torch.nn.Module, recipe: Recipe) -> No
 
 def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) -> None:
     """With `model.experts: omnitune`: expert and linear LoRA through the fused paths (kernels/), reading PEFT's own
-    adapter tensors; on CUDA also the compiled RMSNorm/SwiGLU/RoPE."""
+    adapter tensors; on CUDA also the compiled RMSNorm/SwiGLU/RoPE and the fused router top-k."""
     if recipe.model.experts != "omnitune":
         return
     from omnitune import kernels
@@ -153,6 +153,7 @@ def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) 
     if torch.cuda.is_available():
         kernels.enable_fused_norms(model)
         kernels.enable_fused_rope()
+        kernels.enable_fused_router(model)
 
 
 # Sections a resumed run may change: how long and how it trains and logs, not what it trains on or adapts.
