@@ -100,3 +100,29 @@ def test_gather_sum_undoes_the_permutation_and_sums_each_tokens_slots():
     rows = torch.randn(tokens * top_k, 4, dtype=torch.float64)
     expected = torch.stack([sum(rows[inv[t * top_k + k]] for k in range(top_k)) for t in range(tokens)])
     torch.testing.assert_close(gather_sum(inv, top_k, rows), expected)
+
+
+def test_fused_norms_keep_gradient_checkpointing_of_the_decoder_layers():
+    """transformers 5.23 checkpoints a layer inside its class's `forward`; the fused layer forward must checkpoint
+    too: under checkpointing each layer's body runs again in the backward (the recompute), and the gradients stay."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextAttention
+
+    model = tiny_thinker("omnitune")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    inputs = batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = torch.autograd.grad(model(**inputs).logits.square().mean(), params, allow_unused=True)
+    enable_fused_norms(model)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
+             if isinstance(m, Qwen3OmniMoeThinkerTextAttention)]
+    loss = model(**inputs).logits.square().mean()
+    forward_calls = len(calls)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    for h in hooks:
+        h.remove()
+    assert forward_calls == len(model.model.language_model.layers)
+    assert len(calls) == 2 * forward_calls  # recomputed in the backward: the layers are still checkpointed
+    for a, b in zip(got, ref):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))

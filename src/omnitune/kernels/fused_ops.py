@@ -215,8 +215,8 @@ def _decoder_layer_types() -> tuple[type, ...]:
     return (modeling.Qwen3OmniMoeThinkerTextDecoderLayer,)
 
 
-def _fused_decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                                 use_cache=False, position_embeddings=None, **kwargs):
+def _fused_decoder_layer_body(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                              use_cache=False, position_embeddings=None, **kwargs):
     """The Thinker decoder layer's forward with the post-attention residual add fused into its norm."""
     residual = hidden_states
     hidden_states, _ = self.self_attn(
@@ -225,6 +225,15 @@ def _fused_decoder_layer_forward(self, hidden_states, attention_mask=None, posit
     norm = self.post_attention_layernorm
     residual, hidden_states = add_rms_norm(residual, hidden_states, norm.weight, norm.variance_epsilon)
     return residual + self.mlp(hidden_states)
+
+
+def _fused_decoder_layer_forward(self, *args, **kwargs):
+    """`_fused_decoder_layer_body`, checkpointed as transformers' GradientCheckpointingLayer checkpoints its class's
+    forward (which an instance forward bypasses): through the layer's checkpoint function, without a KV cache."""
+    if self.gradient_checkpointing and self.training:
+        kwargs.update(use_cache=False, past_key_values=None)
+        return self._gradient_checkpointing_func(functools.partial(_fused_decoder_layer_body, self, **kwargs), *args)
+    return _fused_decoder_layer_body(self, *args, **kwargs)
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
