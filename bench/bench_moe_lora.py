@@ -416,6 +416,21 @@ def run_smoke() -> dict:
     got_g = torch.autograd.grad(sum((o.double() * gg).sum() for o, gg in zip(outs, gs)), [x16s, *la32, *lb32])
     res["shared_lora_rel"] = [rel(o, r_) for o, r_ in zip(outs, ref)] + [rel(a, b) for a, b in zip(got_g, ref_g)]
     res["shared_lora_grad_dtypes"] = [str(t.dtype) for t in got_g]
+    # the fused router top-k (Triton) against transformers' math on the same bf16 logits
+    from omnitune.kernels.router import top_k_softmax, top_k_softmax_reference
+
+    logits = torch.randn(4096, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    scores, chosen = top_k_softmax(logits, 8, True)
+    ref_scores, ref_chosen = top_k_softmax_reference(logits, 8, True)
+    # bf16 logits tie often: tied experts may come in another slot order, so the upstream gradient is keyed by
+    # expert (as the experts path hands it back), not by slot
+    g_expert = torch.randn(4096, 128, device=dev, dtype=torch.bfloat16)
+    (d_fast,) = torch.autograd.grad((scores * g_expert.gather(1, chosen)).sum(), logits)
+    (d_ref,) = torch.autograd.grad((ref_scores * g_expert.gather(1, ref_chosen)).sum(), logits)
+    rows_ok = (chosen.sort(-1).values == ref_chosen.sort(-1).values).all(-1)  # a tie at the k-th place may differ
+    res["router_rows_same_experts"] = float(rows_ok.float().mean())
+    res["router_rel"] = [rel(scores[rows_ok].sort(-1).values, ref_scores[rows_ok].sort(-1).values.double()),
+                         rel(d_fast[rows_ok], d_ref[rows_ok].double())]
 
     h = torch.randn(3000, 512, device=dev, dtype=torch.float64, requires_grad=True)
     W = (torch.randn(20000, 512, device=dev, dtype=torch.float64) / 512**0.5).requires_grad_(True)
@@ -464,6 +479,7 @@ def run_smoke() -> dict:
     ok = ok and res["fwd_rel"] < 2e-2 and all(v < 3e-2 for v in res["grad_rel"].values()) and res["unused_expert_grads_zero"]
     ok = ok and all(v < 3e-2 for v in res["frozen_grad_rel"].values()) and all(v < 2e-2 for v in res["shared_lora_rel"])
     ok = ok and res["shared_lora_grad_dtypes"] == ["torch.bfloat16"] + ["torch.float32"] * 6
+    ok = ok and res["router_rows_same_experts"] > 0.99 and all(v < 1e-2 for v in res["router_rel"])
     ok = ok and res["all_finite"] and res["loss_rel"] < 1e-2 and all(v < 2e-2 for v in res["loss_grad_rel"])
     ok = ok and all(v < 2e-2 for v in res["loss_frozen_head_rel"])
     res["ok"] = bool(ok)
