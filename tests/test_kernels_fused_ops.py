@@ -126,3 +126,11 @@ def test_fused_norms_keep_gradient_checkpointing_of_the_decoder_layers():
     assert len(calls) == 2 * forward_calls  # recomputed in the backward: the layers are still checkpointed
     for a, b in zip(got, ref):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    from omnitune.kernels.checkpointing import keep_activations
+
+    keep_activations(model, 1)  # the trainer's `uncheckpointed_layers`: the last layer is not recomputed
+    calls.clear()
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
+             if isinstance(m, Qwen3OmniMoeThinkerTextAttention)]
+    model(**inputs).logits.square().mean().backward()
+    assert len(calls) == 2 * forward_calls - 1

@@ -148,6 +148,11 @@ for g, ref in zip(got, (ref_expand, ref_grad)):
     assert g.shape == ref.shape
     torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
 assert not got[1][[0, 3, 4, 8]].any()  # experts without rows: zero gradient
+try:
+    L.expand(xa, b_rows, offsets, row_expert, 0.5, out=torch.zeros(N, S).T)
+    raise AssertionError("a strided `out` must be refused, not written through wrong strides")
+except ValueError:
+    pass
 print("ok")
 """)
 
