@@ -12,9 +12,10 @@ module-level function of transformers' qwen3_omni_moe modeling file, so it is pr
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
+
+from .forward_swap import restore_forwards, swap_forwards
 
 _FLAG = "_omnitune_fused_norm"
 
@@ -245,21 +246,14 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def enable_fused_norms(model: torch.nn.Module) -> int:
     """Run every transformers-style RMSNorm of `model` through the fused `rms_norm`, and fuse each Thinker decoder
     layer's post-attention residual add into its norm (`add_rms_norm`); returns how many norms."""
-    norms = _rms_norms(model)
-    for m in (*norms, *_decoder_layers(model)):
-        fused = _fused_norm_forward if m in norms else _fused_decoder_layer_forward
-        m.forward = types.MethodType(fused, m)
-        setattr(m, _FLAG, True)
-    return len(norms)
+    swap_forwards(_decoder_layers(model), _fused_decoder_layer_forward, _FLAG)
+    return swap_forwards(_rms_norms(model), _fused_norm_forward, _FLAG)
 
 
 def disable_fused_norms(model: torch.nn.Module) -> int:
     """Undo `enable_fused_norms`; returns how many norms were restored."""
-    norms = [m for m in _rms_norms(model) if getattr(m, _FLAG, False)]
-    for m in (*norms, *(m for m in _decoder_layers(model) if getattr(m, _FLAG, False))):
-        del m.forward
-        delattr(m, _FLAG)
-    return len(norms)
+    restore_forwards(_decoder_layers(model), _FLAG)
+    return restore_forwards(_rms_norms(model), _FLAG)
 
 
 # ------------------------------------------------------------------------------------------------- rotary

@@ -18,12 +18,11 @@ lora_B.weight [out, r*E] with column j*E + e. Hence A_e = A.reshape(E, r, in)[e]
 """
 from __future__ import annotations
 
-import types
-
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import ParamWrapper
 
+from .forward_swap import restore_forwards, swap_forwards, swapped
 from .moe_experts import PROJECTIONS, ExpertLoRA, moe_experts_forward
 
 _FLAG = "_omnitune_fast_lora"
@@ -80,35 +79,19 @@ def _outermost_expert_wrappers(model: torch.nn.Module) -> list[ParamWrapper]:
     return [w for w in wrappers if id(w) not in inner and _is_fused_experts(_chain(w)[1])]
 
 
-def _install(modules: list[torch.nn.Module], forward) -> int:
-    # an instance attribute shadows the class's forward; deleting it brings PEFT's back
-    for m in modules:
-        m.forward = types.MethodType(forward, m)
-        setattr(m, _FLAG, True)
-    return len(modules)
-
-
-def _uninstall(modules: list[torch.nn.Module]) -> int:
-    restored = [m for m in modules if getattr(m, _FLAG, False)]
-    for m in restored:
-        del m.forward
-        delattr(m, _FLAG)
-    return len(restored)
-
-
 def enable_fast_expert_lora(model: torch.nn.Module) -> int:
     """Route every PEFT-wrapped fused-experts module of `model` through the grouped LoRA path; returns how many."""
-    return _install(_outermost_expert_wrappers(model), _fast_forward)
+    return swap_forwards(_outermost_expert_wrappers(model), _fast_forward, _FLAG)
 
 
 def disable_fast_expert_lora(model: torch.nn.Module) -> int:
     """Undo `enable_fast_expert_lora`: the wrappers run PEFT's own forward again; returns how many were restored."""
-    return _uninstall(_outermost_expert_wrappers(model))
+    return restore_forwards(_outermost_expert_wrappers(model), _FLAG)
 
 
 def fast_expert_lora_enabled(model: torch.nn.Module) -> bool:
     """True when at least one experts wrapper of `model` runs the omnitune path."""
-    return any(getattr(w, _FLAG, False) for w in _outermost_expert_wrappers(model))
+    return any(swapped(w, _FLAG) for w in _outermost_expert_wrappers(model))
 
 
 # ------------------------------------------------------------------------------------------- LoRA on nn.Linear
@@ -266,7 +249,7 @@ def enable_fast_lora_linear(model: torch.nn.Module, share_inputs: bool = True) -
         group = SharedInputLoRA(layers)
         for layer in layers:
             setattr(layer, _GROUP, group)
-    return _install(_lora_linears(model), _fast_linear_forward)
+    return swap_forwards(_lora_linears(model), _fast_linear_forward, _FLAG)
 
 
 def disable_fast_lora_linear(model: torch.nn.Module) -> int:
@@ -274,7 +257,7 @@ def disable_fast_lora_linear(model: torch.nn.Module) -> int:
     for layer in _lora_linears(model):
         if hasattr(layer, _GROUP):
             delattr(layer, _GROUP)
-    return _uninstall(_lora_linears(model))
+    return restore_forwards(_lora_linears(model), _FLAG)
 
 
 def enable_fast_lora(model: torch.nn.Module) -> dict[str, int]:

@@ -13,9 +13,10 @@ router module; `disable_fused_router(model)` restores them.
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
+
+from .forward_swap import restore_forwards, swap_forwards
 
 _FLAG = "_omnitune_fused_router"
 TOKENS_PER_PROGRAM = 16
@@ -159,17 +160,9 @@ def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def enable_fused_router(model: torch.nn.Module) -> int:
     """Run every transformers top-k MoE router of `model` through `top_k_softmax`; returns how many."""
-    routers = _routers(model)
-    for m in routers:
-        m.forward = types.MethodType(_fused_router_forward, m)
-        setattr(m, _FLAG, True)
-    return len(routers)
+    return swap_forwards(_routers(model), _fused_router_forward, _FLAG)
 
 
 def disable_fused_router(model: torch.nn.Module) -> int:
     """Undo `enable_fused_router`; returns how many were restored."""
-    restored = [m for m in _routers(model) if getattr(m, _FLAG, False)]
-    for m in restored:
-        del m.forward
-        delattr(m, _FLAG)
-    return len(restored)
+    return restore_forwards(_routers(model), _FLAG)
