@@ -216,8 +216,8 @@ def _decoder_layer_types() -> tuple[type, ...]:
     return (modeling.Qwen3OmniMoeThinkerTextDecoderLayer,)
 
 
-def _fused_decoder_layer_body(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                              use_cache=False, position_embeddings=None, **kwargs):
+def _fused_decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                                 use_cache=False, position_embeddings=None, **kwargs):
     """The Thinker decoder layer's forward with the post-attention residual add fused into its norm."""
     residual = hidden_states
     hidden_states, _ = self.self_attn(
@@ -228,31 +228,32 @@ def _fused_decoder_layer_body(self, hidden_states, attention_mask=None, position
     return residual + self.mlp(hidden_states)
 
 
-def _fused_decoder_layer_forward(self, *args, **kwargs):
-    """`_fused_decoder_layer_body`, checkpointed as transformers' GradientCheckpointingLayer checkpoints its class's
-    forward (which an instance forward bypasses): through the layer's checkpoint function, without a KV cache."""
-    if self.gradient_checkpointing and self.training:
-        kwargs.update(use_cache=False, past_key_values=None)
-        return self._gradient_checkpointing_func(functools.partial(_fused_decoder_layer_body, self, **kwargs), *args)
-    return _fused_decoder_layer_body(self, *args, **kwargs)
+_FUSED_FROM = "_omnitune_fused_from"  # on a fused layer class: the transformers class it was made from
 
 
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    # only layers still running their class's own forward: the restated one must replace exactly that code
-    return [m for m in model.modules() if isinstance(m, _decoder_layer_types())
-            and type(m).forward in [t.forward for t in _decoder_layer_types()]]
+@functools.cache
+def _fused_layer_class(cls: type) -> type:
+    """`cls` with the fused forward, as a subclass of the same name: transformers' GradientCheckpointingLayer
+    checkpoints inside a class's `forward` (its __init_subclass__ wraps every subclass's forward too), so the fused
+    layer is checkpointed, and honours `keep_activations`, exactly as `cls` is. An instance forward would bypass it."""
+    return type(cls.__name__, (cls,), {"forward": _fused_decoder_layer_forward, _FUSED_FROM: cls,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def enable_fused_norms(model: torch.nn.Module) -> int:
     """Run every transformers-style RMSNorm of `model` through the fused `rms_norm`, and fuse each Thinker decoder
     layer's post-attention residual add into its norm (`add_rms_norm`); returns how many norms."""
-    swap_forwards(_decoder_layers(model), _fused_decoder_layer_forward, _FLAG)
+    for m in model.modules():
+        if type(m) in _decoder_layer_types():
+            m.__class__ = _fused_layer_class(type(m))
     return swap_forwards(_rms_norms(model), _fused_norm_forward, _FLAG)
 
 
 def disable_fused_norms(model: torch.nn.Module) -> int:
     """Undo `enable_fused_norms`; returns how many norms were restored."""
-    restore_forwards(_decoder_layers(model), _FLAG)
+    for m in model.modules():
+        if _FUSED_FROM in vars(type(m)):
+            m.__class__ = vars(type(m))[_FUSED_FROM]
     return restore_forwards(_rms_norms(model), _FLAG)
 
 
