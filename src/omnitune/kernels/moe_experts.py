@@ -73,10 +73,15 @@ class _ExpertInputs(torch.autograd.Function):
     pick's backward is a plain scatter, not the sorting accumulate of advanced indexing's backward."""
 
     @staticmethod
-    def forward(ctx, x, token_of_row, inv_perm, pick, top_k, *lora_a):
+    def forward(ctx, x, token_of_row, inv_perm, row_expert, top_k, *lora_a):
+        num_experts = lora_a[0].shape[0] if lora_a else 0
+        pick = token_of_row * num_experts + row_expert  # row of (token, expert) in [T * E], for the scatter
         ctx.save_for_backward(x if lora_a else None, inv_perm, pick, *lora_a)
         ctx.top_k = top_k
-        xas = [(x @ a.reshape(-1, a.shape[-1]).T).view(-1, a.shape[1])[pick] for a in lora_a]
+        # two index tensors on [T, E, r]: an elementwise index kernel (8.4 us per layer in the H200 traces), where
+        # one flat index on [T * E, r] ran as a 32-byte-row gather (21 us)
+        xas = [(x @ a.reshape(-1, a.shape[-1]).T).view(x.shape[0], num_experts, -1)[token_of_row, row_expert]
+               for a in lora_a]
         return (x.index_select(0, token_of_row), *xas)
 
     @staticmethod
@@ -269,9 +274,9 @@ def moe_experts_forward(
     dense = [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] <= DENSE_LORA_A_MAX_COLS]
     gate_up_loras = dense + [a for a in gate_up_loras if a[0].shape[0] * a[0].shape[1] > DENSE_LORA_A_MAX_COLS]
     row_expert = top_k_index.reshape(-1)[perm]  # [S], non-decreasing
-    pick = token_of_row * experts.num_experts + row_expert  # row of (token, expert) in [T * E]
     # x_g [S, H]: the token rows in expert order
-    x_g, *xas = _ExpertInputs.apply(hidden_states, token_of_row, inv_perm, pick, top_k, *(a for a, _, _ in dense))
+    x_g, *xas = _ExpertInputs.apply(hidden_states, token_of_row, inv_perm, row_expert, top_k,
+                                    *(a for a, _, _ in dense))
     gate_up = grouped_linear(experts, "gate_up_proj", x_g, offsets, row_expert, gate_up_loras, force_loop, xas)
     h = _apply_gate(experts, gate_up, top_k_weights.reshape(-1).index_select(0, perm))
     y = grouped_linear(experts, "down_proj", h, offsets, row_expert, lora.get("down_proj", ()), force_loop)
