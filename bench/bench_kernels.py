@@ -1,6 +1,6 @@
 """Micro-benchmarks of single omnitune kernels against the compiled plain-PyTorch reference they replace.
 
-Each row: one kernel at the real Thinker sizes, CUDA-event time (median of 50), effective bandwidth (bytes read +
+Each row: one kernel at the real Thinker sizes, GPU time per call (20 calls queued between two CUDA events, median of 10), effective bandwidth (bytes read +
 written / time) and whether it equals the reference bit for bit (fp32 sums in another order may differ by rounding;
 the expert-LoRA products: within one bf16 step). Prints a table, writes bench_kernels.json to $OUT.
 Usage (GPU machine): PYTHONPATH=src python bench/bench_kernels.py
@@ -12,7 +12,6 @@ import os
 import statistics
 
 import torch
-from bench_moe_lora import cuda_time_ms  # bench/ is on sys.path when run as a script
 
 from omnitune.kernels.fused_ops import (
     gather_sum_reference,
@@ -26,8 +25,23 @@ from omnitune.kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton
 EXPERT_SHAPES = {"gate_up_proj": (128, 1536, 2048), "down_proj": (128, 2048, 768)}
 
 
-def cuda_ms(fn) -> float:
-    return statistics.median(cuda_time_ms(fn, warmup=3, iters=50))
+def cuda_ms(fn, calls: int = 20) -> float:
+    """GPU time per call: `calls` back-to-back calls between two events, queued behind a sleep kernel, median of 10.
+    Timing single synchronized calls (as this did until 2026-11-28) also timed the launch on the CPU, tens of us
+    for a Triton kernel with many arguments, while the GPU waited."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(20_000_000)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
 
 
 def nf4_rows() -> list[dict]:
