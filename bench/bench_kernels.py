@@ -1,8 +1,8 @@
 """Micro-benchmarks of single omnitune kernels against the compiled plain-PyTorch reference they replace.
 
-Each row: one kernel at the real Thinker sizes, GPU time per call (20 calls queued between two CUDA events, median of 10), effective bandwidth (bytes read +
-written / time) and whether it equals the reference bit for bit (fp32 sums in another order may differ by rounding;
-the expert-LoRA products: within one bf16 step). Prints a table, writes bench_kernels.json to $OUT.
+Each row: one kernel at the real Thinker sizes, GPU time per call (20 calls queued between two CUDA events, median
+of 10), effective bandwidth (bytes read + written / time) and whether it equals the reference bit for bit (fp32 sums
+in another order may differ by rounding; the expert-LoRA products: within one bf16 step). Prints a table, writes bench_kernels.json to $OUT.
 Usage (GPU machine): PYTHONPATH=src python bench/bench_kernels.py
 """
 from __future__ import annotations

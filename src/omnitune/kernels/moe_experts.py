@@ -75,7 +75,8 @@ class _ExpertInputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_of_row, inv_perm, row_expert, top_k, *lora_a):
         num_experts = lora_a[0].shape[0] if lora_a else 0
-        pick = token_of_row * num_experts + row_expert  # row of (token, expert) in [T * E], for the scatter
+        # row of (token, expert) in [T * E], for the backward's scatter (only with a dense LoRA A)
+        pick = token_of_row * num_experts + row_expert if lora_a else None
         ctx.save_for_backward(x if lora_a else None, inv_perm, pick, *lora_a)
         ctx.top_k = top_k
         # two index tensors on [T, E, r]: an elementwise index kernel (8.4 us per layer in the H200 traces), where
