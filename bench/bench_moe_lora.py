@@ -235,7 +235,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     experts = [f"{prefix}.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=attn, target_parameters=experts)
     model = get_peft_model(model, lcfg)
-    # "ours~norms~linear~loss~qkv~router" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
+    # "ours~norms~linear~loss~qkv~router~select" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
     # whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
     # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
     # "+qlora" = the experts' weights in 4-bit NF4 (model/qlora.py)
@@ -283,6 +283,10 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
         keep_activations(model, plan.layers)
         auto = dict(keep_layers=plan.layers, per_layer_gib=plan.per_layer_bytes / 2**30,
                     headroom_gib=plan.headroom_bytes / 2**30)
+    if "select" in off:  # the graphed step's head on every position, not only the trained ones
+        import omnitune.train.graphed_step as graphed_step
+
+        graphed_step.GraphedTrainStep.head_rows = lambda self, shape, count: shape[0] * (shape[1] - 1)
     if "lorakernels" in off:  # the experts' LoRA products all on torch's grouped GEMM (kernels/expert_lora.py)
         import omnitune.kernels.expert_lora as expert_lora
 

@@ -12,7 +12,7 @@ from omnitune.data.collate import OmniCollator
 from omnitune.data.synthetic import make_demo_dataset
 from omnitune.recipe import load_recipe
 from omnitune.kernels.cuda_graph import GraphCaptureError
-from omnitune.train.graphed_step import MASKED_SDPA_BACKENDS, GraphedTrainStep, pad_to_bucket
+from omnitune.train.graphed_step import MASK_ARG, MASKED_SDPA_BACKENDS, GraphedTrainStep, pad_to_bucket, trained_rows
 from omnitune.train.trainer import PACKED_KEYS, OmniTrainer, packed_position_ids
 
 TEXT_ONLY = {"conversations": [{"role": "user", "content": "Name a warm colour."},
@@ -132,11 +132,11 @@ def test_right_padding_and_single_packed_samples_need_no_mask_but_left_padding_a
         return step.prepare(batch, pos, None)
 
     padded = collate[False](samples)
-    assert len(graph_args(padded)) == 5  # no mask input: causal attention only
-    assert len(graph_args(collate[True](samples[:1]))) == 5  # one packed sample + its tail: still one sample
-    assert len(graph_args(collate[True](samples))) == 6  # several samples in a row: the block mask
+    assert len(graph_args(padded)) == MASK_ARG  # no mask input: causal attention only
+    assert len(graph_args(collate[True](samples[:1]))) == MASK_ARG  # one packed sample + its tail: still one sample
+    assert len(graph_args(collate[True](samples))) == MASK_ARG + 1  # several samples in a row: the block mask
     left = dict(padded, attention_mask=padded["attention_mask"].flip(-1))
-    assert not left["attention_mask"].all() and len(graph_args(left)) == 6
+    assert not left["attention_mask"].all() and len(graph_args(left)) == MASK_ARG + 1
 
 
 def test_a_capture_that_fails_with_cudnn_attention_is_retried_without_it(setup, caplog):
@@ -187,3 +187,44 @@ def test_pad_to_bucket_pads_the_named_dim_only():
     out = pad_to_bucket(t, 5, -1, dim=-1)
     assert out.shape == (1, 2, 5) and (out[..., 3:] == -1).all() and torch.equal(out[..., :3], t)
     assert pad_to_bucket(t, 3, 0) is t
+
+
+def test_trained_rows_come_first_in_order_padded_with_ignored_labels():
+    labels = torch.tensor([[5, -100, 7, -100, -100, 9], [1, 2, -100, 3, -100, -100]])  # [:, 1:] is what trains
+    y = labels[:, 1:].reshape(-1)
+    trained = (y != -100).nonzero().squeeze(1)
+    rows, row_labels = trained_rows(labels, 4)  # exactly the 4 trained of 10
+    assert rows.tolist() == trained.tolist() and row_labels.tolist() == y[trained].tolist()
+    rows, row_labels = trained_rows(labels, 6)  # two padding rows: distinct, ignored
+    assert rows.tolist()[:4] == trained.tolist() and len(set(rows.tolist())) == 6
+    assert (row_labels[4:] == -100).all()
+
+
+def test_head_rows_round_up_to_the_bucket_and_keep_at_most_two_sizes_per_shape(setup):
+    samples, model, collate = setup
+    step = GraphedTrainStep(model.base_model.model, [], bucket=16)
+    shape = (2, 65)  # 128 positions after the shift
+    assert step.head_rows(shape, 20) == 32  # the first batch of this shape sets its reduced size
+    assert step.head_rows(shape, 3) == 32  # fits: the same graph
+    assert step.head_rows(shape, 40) == 128  # does not: every position (the second and last size)
+    assert step.head_rows((1, 65), 0) == 16  # another shape, its own size; nothing trains: one bucket
+    assert step.head_rows((1, 9), 5) == 8  # capped at the positions there are
+
+
+def test_graphed_step_projects_only_the_trained_positions_onto_the_vocabulary(setup, monkeypatch):
+    """The head and cross-entropy see the trained positions (padded up to the bucket), not the whole padded row."""
+    import omnitune.train.graphed_step as graphed_step
+
+    samples, model, collate = setup
+    thinker = model.base_model.model
+    seen = []
+    ce = graphed_step.chunked_linear_cross_entropy
+    monkeypatch.setattr(graphed_step, "chunked_linear_cross_entropy",
+                        lambda h, w, y, **kw: seen.append(h.shape[0]) or ce(h, w, y, **kw))
+    batch = collate[False](samples)
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad], bucket=16)
+    step(dict(batch), None, None)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    padded_positions = batch["labels"].shape[0] * (-(-batch["labels"].shape[1] // 16) * 16 - 1)
+    assert seen == [-(-trained // 16) * 16] and seen[0] < padded_positions
+

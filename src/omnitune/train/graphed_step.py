@@ -10,8 +10,10 @@ tokens, so right-padded batches need no attention mask at all (and get SDPA's fa
 Used when all of these hold, else the step runs eagerly (same results, up to bf16 rounding): CUDA; bf16/fp32 (no fp16
 grad scaler); no images or video in the batch (the vision deepstack has data-dependent shapes); the router's balance
 loss off; a plain linear head; nothing before the decoder trains (frozen embeddings and towers: LoRA). The vocab
-projection then runs on every position, not only the trained ones (static shapes), ~7% more step FLOPs per
-untrained token. Memory: the graphs' pool keeps one step's activation working set reserved, so a run that mixes
+projection and cross-entropy run on the trained positions only (the prompt of an SFT sample is not projected onto
+the 152k vocabulary), their count padded up to a multiple of `bucket` so that the graph's shapes stay static. A
+padded batch shape keeps the first such size it meets, and a later batch with more trained positions than that
+projects every position: at most two graphs per shape (`head_rows`). Memory: the graphs' pool keeps one step's activation working set reserved, so a run that mixes
 graphed batches with eager ones (images, video) holds both working sets.
 """
 from __future__ import annotations
@@ -31,14 +33,26 @@ ALL_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                      SDPBackend.MATH]
 MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+MASK_ARG = 7  # the graph's inputs (`prepare`): an attention mask comes last, when there is one
+
 log = logging.getLogger("omnitune.graphed_step")
 
 
-def static_token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """train/loss.token_losses without selecting the trained positions first: same values, static shapes."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+def trained_rows(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, their labels): the flat positions of labels[:, 1:] that train, in order, then untrained ones up to
+    `size` rows (at least the trained count). Padding rows keep their IGNORE label, so they add nothing."""
     y = labels[:, 1:].reshape(-1)
-    return chunked_linear_cross_entropy(h, head_weight, y).view(labels.shape[0], -1)
+    rows = torch.sort((y == IGNORE).to(torch.uint8), stable=True).indices[:size]  # trained positions first
+    return rows, y[rows]
+
+
+def static_token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                        rows: torch.Tensor, row_labels: torch.Tensor) -> torch.Tensor:
+    """train/loss.token_losses with static shapes: the head and cross-entropy on `rows` (`trained_rows`) only,
+    scattered back to [B, L-1] with zeros elsewhere (rows are distinct)."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    losses = chunked_linear_cross_entropy(h.index_select(0, rows), head_weight, row_labels)
+    return losses.new_zeros(h.shape[0]).index_add_(0, rows, losses).view(labels.shape[0], -1)
 
 
 def pad_to_bucket(t: torch.Tensor, length: int, value: float, dim: int = -1) -> torch.Tensor:
@@ -59,6 +73,7 @@ class GraphedTrainStep:
         self.thinker = thinker
         self.bucket = bucket
         self.graphs = GraphedGrads(self._loss, params, max_graphs=max_graphs)
+        self.row_counts: dict[tuple[int, ...], int] = {}  # per padded batch shape: its one reduced head size
         self.sdpa_backends = ALL_SDPA_BACKENDS  # the attention kernels the last call allowed
 
     @property
@@ -73,11 +88,20 @@ class GraphedTrainStep:
                 and not self.thinker.get_input_embeddings().weight.requires_grad
                 and not any(p.requires_grad for p in self.thinker.model.audio_tower.parameters()))
 
-    def _loss(self, embeds, position_ids, labels, weights, num_items, mask=None):
+    def _loss(self, embeds, position_ids, labels, weights, num_items, rows, row_labels, mask=None):
         hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                      use_cache=False).last_hidden_state
-        losses = static_token_losses(hidden, self.thinker.lm_head.weight, labels)
+        losses = static_token_losses(hidden, self.thinker.lm_head.weight, labels, rows, row_labels)
         return weighted_loss(losses, labels, weights if weights.numel() else None, num_items)
+
+    def head_rows(self, shape: tuple[int, ...], count: int) -> int:
+        """How many rows the head projects for a padded batch `shape` with `count` trained positions: the count
+        rounded up to the bucket, where it fits the one reduced size this shape has (set by its first batch), else
+        every position. Each size is a graph of its own, so a shape has at most two, not one per count."""
+        total = shape[0] * (shape[1] - 1)
+        need = min(total, max(1, -(-count // self.bucket)) * self.bucket)
+        reduced = self.row_counts.setdefault(shape, need)
+        return reduced if need <= reduced else total
 
     @torch.no_grad()
     def _embed(self, inputs: dict) -> torch.Tensor:
@@ -102,7 +126,7 @@ class GraphedTrainStep:
         # tiny-head causal one on H200). With a mask tensor they stay off; without one, a failed capture is tried
         # once more without them (a failed capture accumulates nothing). The context spans the whole call: the
         # checkpoint recompute in the backward must pick the same kernel as the forward.
-        self.sdpa_backends = MASKED_SDPA_BACKENDS if len(args) > 5 else ALL_SDPA_BACKENDS
+        self.sdpa_backends = MASKED_SDPA_BACKENDS if len(args) > MASK_ARG else ALL_SDPA_BACKENDS
         try:
             with sdpa_kernel(self.sdpa_backends):
                 loss, _ = self.graphs(*args)
@@ -135,12 +159,17 @@ class GraphedTrainStep:
         # Padding at the end of a row is invisible to that row's real tokens under causal attention, so it needs
         # no mask of its own: a right-padded batch (our collator's) runs as plain causal attention, the path the
         # bench measures, and a packed row's tail continues its last sample's positions (no extra sample).
+        # The trained positions' count sizes the head's input (`trained_rows`): read back here, with the
+        # right-padding test when there is a mask (one read-back for both).
+        trained = (labels[:, 1:] != IGNORE).sum()
         if attention_mask is None:
             step = torch.arange(1, length - ids.shape[1] + 1, device=ids.device, dtype=position_ids.dtype)
             position_ids = torch.cat([position_ids, position_ids[..., -1:] + step], dim=-1)
+            count = int(trained)
         else:
             position_ids = pad_to_bucket(position_ids, length, 1)
-            right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+            right_padded, count = torch.stack([(attention_mask[:, 1:] <= attention_mask[:, :-1]).all().long(),
+                                               trained]).tolist()
             attention_mask = None if right_padded else pad_to_bucket(attention_mask, length, 0)
         text_pos = position_ids[0] if position_ids.shape[0] == 4 else None
         # the mask the language model would build, built here: its checks read values back to the host
@@ -152,6 +181,8 @@ class GraphedTrainStep:
         weights = pad_to_bucket(weights, length, 0.0) if weights is not None and weights.dim() == 2 else weights
         weights = weights.float() if weights is not None else embeds.new_zeros(0, dtype=torch.float32)
         if num_items is None:
-            num_items = (labels[:, 1:] != IGNORE).sum()
+            num_items = trained
         num_items = torch.as_tensor(num_items, device=embeds.device, dtype=torch.float32)
-        return [embeds, position_ids, labels, weights, num_items] + ([mask] if mask is not None else [])
+        rows, row_labels = trained_rows(labels, self.head_rows(tuple(labels.shape), count))
+        args = [embeds, position_ids, labels, weights, num_items, rows, row_labels]
+        return args + ([mask] if mask is not None else [])
