@@ -7,14 +7,15 @@ captured once per padded batch shape. The batch is padded at the end to a multip
 -100) so a run sees a handful of shapes, not one per batch; causal attention hides that padding from the real
 tokens, so right-padded batches need no attention mask at all (and get SDPA's fastest causal kernels).
 
-Used when all of these hold, else the step runs eagerly (same results, up to bf16 rounding): CUDA; bf16/fp32 (no fp16
-grad scaler); no images or video in the batch (the vision deepstack has data-dependent shapes); the router's balance
-loss off; a plain linear head; nothing before the decoder trains (frozen embeddings and towers: LoRA). The vocab
-projection and cross-entropy run on the trained positions only (the prompt of an SFT sample is not projected onto
-the 152k vocabulary), their count padded up to a multiple of `bucket` so that the graph's shapes stay static. A
+Used when all of these hold, else the step runs eagerly (same results, up to bf16 rounding): CUDA; bf16/fp32 (no
+fp16 grad scaler); no images or video in the batch (the vision deepstack has data-dependent shapes); the router's
+balance loss off; a plain linear head; nothing before the decoder trains (frozen embeddings and towers: LoRA). The
+vocab projection and cross-entropy run on the trained positions only (the prompt of an SFT sample is not projected
+onto the 152k vocabulary), their count padded up to a multiple of `bucket` so that the graph's shapes stay static. A
 padded batch shape keeps the first such size it meets, and a later batch with more trained positions than that
-projects every position: at most two graphs per shape (`head_rows`). Memory: the graphs' pool keeps one step's activation working set reserved, so a run that mixes
-graphed batches with eager ones (images, video) holds both working sets.
+projects every position: at most two graphs per shape (`head_rows`). Memory: the graphs' pool keeps one step's
+activation working set reserved, so a run that mixes graphed batches with eager ones (images, video) holds both
+working sets.
 """
 from __future__ import annotations
 
