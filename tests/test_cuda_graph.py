@@ -1,4 +1,5 @@
-"""GraphedGrads without a GPU: the eager path accumulates like backward; a failed capture is reported."""
+"""GraphedGrads: without a GPU, the eager path accumulates like backward and a failed capture is reported; on a GPU
+(skipped elsewhere), replayed graphs give backward's gradients through accumulation windows and shape changes."""
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ def test_a_failed_capture_is_reported_for_an_eager_rerun(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     step = GraphedGrads(lambda x: x.sum(), [])
 
-    def capture(inputs):
+    def capture(inputs, accumulates):
         raise RuntimeError("cudaErrorStreamCaptureImplicit")
 
     monkeypatch.setattr(step, "_capture", capture)
@@ -28,3 +29,30 @@ def test_a_failed_capture_is_reported_for_an_eager_rerun(monkeypatch):
     with pytest.raises(GraphCaptureError, match="capture failed.*StreamCaptureImplicit"):
         step(x)
     assert step.graphs == {} and step.eager_calls == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_replayed_gradients_equal_backward_across_windows_shapes_and_zero_grad_modes():
+    """A window's first micro-step hands out the graph's own gradient outputs; the next ones accumulate into shared
+    buffers (copying those outputs in first). Against plain backward, with two input shapes interleaved (their
+    graphs share one memory pool), both zero_grad modes, and an eager micro-step in between."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).cuda()
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).cuda()
+    ref.load_state_dict(net.state_dict())
+    step = GraphedGrads(lambda x: net(x).square().mean(), list(net.parameters()))
+    batches = [torch.randn(n, 64, device="cuda") for n in (32, 48, 32, 48, 32, 32, 48)]
+    windows = [[0], [1, 2], [3, 4], [5, 6]]  # micro-steps per optimizer step
+    for w, window in enumerate(windows):
+        for i in window:
+            if w == 2 and i == window[0]:  # an eager micro-step opens this window (e.g. a batch with images)
+                net(batches[i]).square().mean().backward()
+            else:
+                step(batches[i])
+            ref(batches[i]).square().mean().backward()
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        net.zero_grad(set_to_none=w % 2 == 0)
+        ref.zero_grad(set_to_none=True)
+    assert step.replays == 6 and {accumulates for _, accumulates in step.graphs} == {False, True}
+

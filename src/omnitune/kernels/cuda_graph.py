@@ -7,8 +7,9 @@ is fixed (the routing is a device-side sort, the grouped GEMMs read their offset
 back to the host), so the micro-step can be captured once per batch shape and replayed with a single launch.
 
 `GraphedGrads(loss_fn, params)(*inputs)` runs `loss_fn(*inputs)` (a scalar loss, or a tuple whose first item is
-the loss and the rest extra outputs) and its backward, and ADDS the gradients into `p.grad` of `params` exactly as
-`loss.backward()` would (gradient accumulation and `zero_grad(set_to_none=True)` work unchanged). It returns
+the loss and the rest extra outputs) and its backward, and leaves the gradients in `p.grad` of `params` as
+`loss.backward()` would: set where they were None, added where they were not (gradient accumulation and both
+`zero_grad` modes work unchanged). A window's first micro-step and the following ones are two graphs per signature. It returns
 `(loss, extras)`. The first call for a new input signature (shapes, dtypes) warms up on a side stream and captures;
 later calls copy the inputs into the graph's buffers and replay. The returned tensors are the graph's static
 outputs: the next call overwrites them, so read them before calling again.
@@ -39,12 +40,14 @@ class GraphCaptureError(RuntimeError):
 
 
 class _Captured:
-    """One captured graph: its input buffers, its static outputs, the params it reaches and their grad buffers."""
+    """One captured graph: its input buffers, its static outputs, the params it reaches and the tensors that hold
+    their gradients after a replay (the shared accumulation buffers, or for a window's first micro-step the graph's
+    own gradient outputs)."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: tuple,
-                 params: list[torch.Tensor], grad_buffers: list[torch.Tensor]):
+                 params: list[torch.Tensor], grads: list[torch.Tensor], accumulates: bool):
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
-        self.params, self.grad_buffers = params, grad_buffers
+        self.params, self.grads, self.accumulates = params, grads, accumulates
 
 
 class GraphedGrads:
@@ -56,7 +59,8 @@ class GraphedGrads:
         self.params = list(params)
         self.max_graphs = max_graphs
         self.warmup = warmup
-        self.graphs: dict[Signature, _Captured] = {}
+        # per input signature and window position (first micro-step of an accumulation window or not)
+        self.graphs: dict[tuple[Signature, bool], _Captured] = {}
         self.pool = None  # one memory pool for all graphs: they never run at the same time
         self.grad_buffers: list[torch.Tensor] | None = None  # the .grad tensors the graphs accumulate into
         self.eager_calls = 0
@@ -77,8 +81,8 @@ class GraphedGrads:
         return loss.detach(), tuple(e.detach() for e in extras)
 
     # ------------------------------------------------------------------------------------------------ graphs
-    def _capture(self, inputs: Sequence[torch.Tensor]) -> _Captured:
-        if self.grad_buffers is None:
+    def _capture(self, inputs: Sequence[torch.Tensor], accumulates: bool) -> _Captured:
+        if accumulates and self.grad_buffers is None:  # only gradient accumulation needs them
             self.grad_buffers = [torch.zeros_like(p) for p in self.params]
         static = [x.detach().clone() for x in inputs]
         side = torch.cuda.Stream()
@@ -94,24 +98,31 @@ class GraphedGrads:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             loss, extras, grads = self._forward_backward(static)
-            torch._foreach_add_([self.grad_buffers[i] for i in reached], [grads[i] for i in reached])
-            del grads
+            if accumulates:
+                torch._foreach_add_([self.grad_buffers[i] for i in reached], [grads[i] for i in reached])
         if self.pool is None:
             self.pool = graph.pool()
-        return _Captured(graph, static, (loss, extras), [self.params[i] for i in reached],
-                         [self.grad_buffers[i] for i in reached])
+        # A window's first micro-step hands out the graph's own gradient outputs as .grad: no zeroing pass and no
+        # add over every trainable parameter (for the 642.5M fp32 LoRA parameters of the 48-layer Thinker, ~10 GB
+        # of memory traffic per step). They live in the shared pool, which another graph's replay may reuse: the
+        # next micro-step of the window (an accumulating one) copies them into the buffers before it replays, and
+        # after the optimizer step `zero_grad` drops them.
+        held = [self.grad_buffers[i] for i in reached] if accumulates else [grads[i] for i in reached]
+        del grads
+        return _Captured(graph, static, (loss, extras), [self.params[i] for i in reached], held, accumulates)
 
     @torch.no_grad()
     def _replay(self, captured: _Captured, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         for buf, x in zip(captured.inputs, inputs):
             buf.copy_(x, non_blocking=True)
-        params, targets = captured.params, captured.grad_buffers
-        fresh = [b for p, b in zip(params, targets) if p.grad is None]
-        if fresh:  # a new accumulation window (zero_grad set the grads to None)
-            torch._foreach_zero_(fresh)
-        for p, b in zip(params, targets):
-            if p.grad is not None and p.grad is not b:  # grads from an eager micro-step: carry them over
-                b.copy_(p.grad)
+        params, targets = captured.params, captured.grads
+        if captured.accumulates:
+            fresh = [b for p, b in zip(params, targets) if p.grad is None]
+            if fresh:  # some of the reached params start their window here
+                torch._foreach_zero_(fresh)
+            for p, b in zip(params, targets):
+                if p.grad is not None and p.grad is not b:  # from an eager or a first micro-step: carry them over
+                    b.copy_(p.grad)
         captured.graph.replay()
         self.replays += 1
         for p, b in zip(params, targets):
@@ -122,15 +133,17 @@ class GraphedGrads:
         if not (torch.cuda.is_available() and all(x.is_cuda for x in inputs)):
             return self._eager(inputs)
         sig = _signature(inputs)
-        captured = self.graphs.get(sig)
+        # the first micro-step of a window (every param's grad None after zero_grad) needs no accumulation
+        key = (sig, any(p.grad is not None for p in self.params))
+        captured = self.graphs.get(key)
         if captured is None:
             if len(self.graphs) >= self.max_graphs:
                 return self._eager(inputs)
             try:
-                captured = self._capture(inputs)
+                captured = self._capture(inputs, accumulates=key[1])
             except Exception as e:  # a capture accumulates nothing: the caller can run this step eagerly instead
                 torch.cuda.synchronize()
                 raise GraphCaptureError(f"CUDA graph capture failed: {type(e).__name__}: {e}") from e
-            self.graphs[sig] = captured
+            self.graphs[key] = captured
             log.info("captured a CUDA graph for input shapes %s (%d graphs)", [s for s, _ in sig], len(self.graphs))
         return self._replay(captured, inputs)
