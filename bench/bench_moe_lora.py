@@ -235,7 +235,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     experts = [f"{prefix}.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=attn, target_parameters=experts)
     model = get_peft_model(model, lcfg)
-    # "ours~norms~linear~loss~qkv~router~select" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
+    # "ours~norms~linear~loss~qkv~router~select~handoff~adamw" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
     # whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
     # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
     # "+qlora" = the experts' weights in 4-bit NF4 (model/qlora.py)
@@ -287,6 +287,10 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
         import omnitune.train.graphed_step as graphed_step
 
         graphed_step.GraphedTrainStep.head_rows = lambda self, shape, count: shape[0] * (shape[1] - 1)
+    if "handoff" in off:  # every micro-step accumulates into zeroed buffers (no hand-off of the graph's own grads)
+        from omnitune.kernels.cuda_graph import GraphedGrads
+
+        GraphedGrads._window_open = lambda self: True
     if "lorakernels" in off:  # the experts' LoRA products all on torch's grouped GEMM (kernels/expert_lora.py)
         import omnitune.kernels.expert_lora as expert_lora
 
@@ -294,8 +298,14 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     chunked_loss = impl == "ours" and "loss" not in off
     build_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW: what HF Trainer uses by default (optim "adamw_torch_fused"), for both paths
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=DEVICE == "cuda")
+    # PEFT: fused AdamW, what HF Trainer uses by default (optim "adamw_torch_fused"); ours: the AdamW that
+    # OmniTrainer picks instead (train/optimizer.py: the same update in one Triton launch), `~adamw` torch's fused
+    if impl == "ours" and "adamw" not in off:
+        from omnitune.train.optimizer import MultiTensorAdamW
+
+        opt = MultiTensorAdamW(params, lr=1e-5)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=DEVICE == "cuda")
     ids = torch.randint(0, REAL["vocab"], (1, seq), device=DEVICE)
     mask = torch.ones_like(ids)
     labels = ids.clone()
@@ -318,7 +328,25 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
         sync_report = first_host_sync(lambda: torch.autograd.grad(
             graph_step._loss(*graph_args), params, allow_unused=True)) if DEVICE == "cuda" else None
 
+    marks: list[torch.cuda.Event] = []  # per graphed step: start, graph replay start / end, end (GPU clock)
+
+    def mark():
+        if graphed and DEVICE == "cuda":
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+
+    if graphed and DEVICE == "cuda":
+        replay = torch.cuda.CUDAGraph.replay
+
+        def marked_replay(self):
+            mark()
+            replay(self)
+            mark()
+
+        torch.cuda.CUDAGraph.replay = marked_replay
+
     def step():
+        mark()
         if graphed:  # causal attention without a mask tensor: no host-side "is the mask all ones" check
             loss = graph_step(batch, None, None)  # gradients accumulated into p.grad, as loss.backward() does
         else:
@@ -327,11 +355,20 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark()
         return loss
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = cuda_time_ms(step, warmup=2, iters=steps)
+    phases = {}
+    # the timed steps' GPU time before the graph (eager prefix, input copies), in it, and after it (AdamW)
+    if marks and len(marks) % 4 == 0:
+        torch.cuda.synchronize()
+        steps_marks = [marks[i:i + 4] for i in range(0, len(marks), 4)][-steps:]
+        for k, name_ in enumerate(("before_graph", "graph", "after_graph")):
+            phases[f"{name_}_ms"] = statistics.median(m[k].elapsed_time(m[k + 1]) for m in steps_marks)
+        torch.cuda.CUDAGraph.replay = replay
     syncs = count_host_syncs(step) if DEVICE == "cuda" else None
     label = f"model_{name.replace('~', '_')}_{seq}_{layers}"
     if want_profile(label):
@@ -341,7 +378,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
                 peak_gib=peak_gib(), build_s=build_s, host_syncs_per_step=syncs,
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries") if DEVICE == "cuda" else None,
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                trainable_params=sum(p.numel() for p in params), times_ms=times, **auto,
+                trainable_params=sum(p.numel() for p in params), times_ms=times, **auto, **phases,
                 **({"first_host_sync": sync_report, "eager_calls": graph_step.graphs.eager_calls,
                     "graphs": len(graph_step.graphs.graphs)} if graphed else {}))
 

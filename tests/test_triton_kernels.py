@@ -63,6 +63,13 @@ def test_the_kernels_compile_for_an_h100():
                          {**tiles, "BN": BLOCK_COLS, "ACC": acc})
     compile_for_h100(weight_grad, {"p_ptr": "*bf16", "d_ptr": "*bf16", "offsets_ptr": "*i32", "out_ptr": "*bf16",
                                    "cols": "i32", "scale": "fp32"}, {**tiles, "BN": BLOCK_COLS})
+    from omnitune.kernels.adamw import BLOCK as ADAMW_BLOCK
+    from omnitune.kernels.adamw import _kernel as adamw_kernel
+
+    compile_for_h100(adamw_kernel(), {"addresses": "*i64", "block_tensor": "*i32", "block_start": "*i64",
+                                      "numels": "*i64", **dict.fromkeys(("keep", "w1", "beta2", "w2", "eps",
+                                                                         "step_size", "bias2_sqrt"), "fp32")},
+                     {"BLOCK": ADAMW_BLOCK})
 
 
 def test_nf4_dequant_kernel_matches_the_reference():
@@ -188,5 +195,60 @@ assert same.float().mean() > 0.9
 rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
 assert rel(scores[same].sort(-1).values, ref_scores[same].sort(-1).values) < 1e-2
 assert rel(got[same], expected[same]) < 1e-2, rel(got[same], expected[same])
+print("ok")
+""")
+
+
+def test_adamw_kernel_and_optimizer_match_torch_adamw():
+    """The multi-tensor kernel (tails, a tensor smaller than a block, new gradient tensors every step) and the
+    optimizer around it (two groups, a parameter that skips a step, a checkpoint resumed by torch's AdamW) against
+    torch.optim.AdamW. The optimizer takes the kernel only on CUDA; here its test for that accepts CPU tensors."""
+    run_interpreted("""
+import torch
+import omnitune.train.optimizer as O
+from omnitune.kernels.adamw import BLOCK, adamw_update_
+torch.manual_seed(0)
+shapes = [(3, BLOCK + 5), (7,), (16, 64), (2 * BLOCK,)]
+ps = [torch.randn(s) for s in shapes]
+ref = [torch.nn.Parameter(p.clone()) for p in ps]
+opt = torch.optim.AdamW(ref, lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
+ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+for step in range(1, 4):
+    grads = [torch.randn(s) for s in shapes]
+    for p, g in zip(ref, grads):
+        p.grad = g.clone()
+    opt.step()
+    adamw_update_(ps, grads, ms, vs, lr=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1, step=step)
+for p, m, v, q in zip(ps, ms, vs, ref):
+    torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m, opt.state[q]["exp_avg"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(v, opt.state[q]["exp_avg_sq"], rtol=1e-6, atol=1e-7)
+
+O.kernel_applies = lambda ts: all(t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+calls = []
+update = O.adamw_update_
+O.adamw_update_ = lambda *a, **k: calls.append(k["step"]) or update(*a, **k)
+init = [torch.randn(s) for s in shapes]
+mine = [torch.nn.Parameter(p.clone()) for p in init]
+theirs = [torch.nn.Parameter(p.clone()) for p in init]
+groups = lambda ps: [dict(params=ps[:2]), dict(params=ps[2:], weight_decay=0.0)]
+a = O.MultiTensorAdamW(groups(mine), lr=1e-2, weight_decay=0.05, fused=True)
+b = torch.optim.AdamW(groups(theirs), lr=1e-2, weight_decay=0.05, foreach=False)
+for step in range(4):
+    grads = [torch.randn(s) for s in shapes]
+    for x, y, g in zip(mine, theirs, grads):
+        x.grad = y.grad = None if step == 1 and x.shape == (7,) else g.clone()  # skips a step: its count lags
+    a.step()
+    b.step()
+assert calls == [1, 1, 2, 2, 3, 2, 3, 4, 3, 4], calls  # per group and step count, one launch each
+resumed = torch.optim.AdamW(groups(mine), lr=1e-2, weight_decay=0.05, foreach=False)
+resumed.load_state_dict(a.state_dict())
+grads = [torch.randn(s) for s in shapes]
+for x, y, g in zip(mine, theirs, grads):
+    x.grad, y.grad = g.clone(), g.clone()
+resumed.step()
+b.step()
+for x, y in zip(mine, theirs):
+    torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-6, atol=1e-7)
 print("ok")
 """)

@@ -9,10 +9,10 @@ back to the host), so the micro-step can be captured once per batch shape and re
 `GraphedGrads(loss_fn, params)(*inputs)` runs `loss_fn(*inputs)` (a scalar loss, or a tuple whose first item is
 the loss and the rest extra outputs) and its backward, and leaves the gradients in `p.grad` of `params` as
 `loss.backward()` would: set where they were None, added where they were not (gradient accumulation and both
-`zero_grad` modes work unchanged). A window's first micro-step and the following ones are two graphs per signature. It returns
-`(loss, extras)`. The first call for a new input signature (shapes, dtypes) warms up on a side stream and captures;
-later calls copy the inputs into the graph's buffers and replay. The returned tensors are the graph's static
-outputs: the next call overwrites them, so read them before calling again.
+`zero_grad` modes work unchanged). It returns `(loss, extras)`. The first call for a new input signature (shapes,
+dtypes) and window position (a window's first micro-step, or one that accumulates) warms up on a side stream and
+captures; later calls copy the inputs into the graph's buffers and replay. The returned tensors are the graph's
+static outputs: the next call overwrites them, so read them before calling again.
 
 What the captured function must keep (capture raises otherwise; callers fall back to eager): no host syncs
 (`.item()`, `.tolist()`, `nonzero`, data-dependent shapes or branches), no RNG that checkpointing must restore
@@ -129,12 +129,14 @@ class GraphedGrads:
             p.grad = b
         return captured.outputs
 
+    def _window_open(self) -> bool:
+        """Whether gradients are already held (not the first micro-step of a window, which needs no accumulation)."""
+        return any(p.grad is not None for p in self.params)
+
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         if not (torch.cuda.is_available() and all(x.is_cuda for x in inputs)):
             return self._eager(inputs)
-        sig = _signature(inputs)
-        # the first micro-step of a window (every param's grad None after zero_grad) needs no accumulation
-        key = (sig, any(p.grad is not None for p in self.params))
+        key = (_signature(inputs), self._window_open())
         captured = self.graphs.get(key)
         if captured is None:
             if len(self.graphs) >= self.max_graphs:
@@ -145,5 +147,5 @@ class GraphedGrads:
                 torch.cuda.synchronize()
                 raise GraphCaptureError(f"CUDA graph capture failed: {type(e).__name__}: {e}") from e
             self.graphs[key] = captured
-            log.info("captured a CUDA graph for input shapes %s (%d graphs)", [s for s, _ in sig], len(self.graphs))
+            log.info("captured a CUDA graph for input shapes %s (%d graphs)", [s for s, _ in key[0]], len(self.graphs))
         return self._replay(captured, inputs)

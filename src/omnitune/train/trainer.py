@@ -21,6 +21,7 @@ from omnitune.kernels.checkpointing import auto_uncheckpointed_layers, decoder_l
 from omnitune.kernels.cuda_graph import GraphCaptureError
 from omnitune.train.graphed_step import GraphedTrainStep
 from omnitune.train.loss import token_losses, weighted_loss
+from omnitune.train.optimizer import MultiTensorAdamW, kernel_applies
 
 logger = logging.get_logger(__name__)
 
@@ -74,6 +75,16 @@ class OmniTrainer(Trainer):
         # Our loss is already normalised by the trained tokens of the whole optimizer step.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[Any, Any]:
+        """HF's choice, except that torch's AdamW over CUDA fp32 adapters becomes MultiTensorAdamW: the same
+        update and state in one Triton launch (train/optimizer.py)."""
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if cls is torch.optim.AdamW and model is not None and kernel_applies(
+                p for p in model.parameters() if p.requires_grad):
+            return MultiTensorAdamW, kwargs
+        return cls, kwargs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A CUDA-graph replay of the micro-step where the batch allows one (train/graphed_step.py), else HF's."""
