@@ -34,6 +34,14 @@ class MultiTensorAdamW(torch.optim.AdamW):
         kwargs.pop("fused", None)  # HF's adamw_torch_fused asks for it; this step replaces torch's fused one
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also a checkpoint of torch's fused AdamW, whose step counts live on the GPU: moved to the host once here,
+        where this step reads them (left there, every step would take torch's path and read them back)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if torch.is_tensor(state.get("step")) and state["step"].device.type != "cpu":
+                state["step"] = state["step"].cpu()
+
     def _kernel_params(self, group: dict) -> list[torch.Tensor] | None:
         """The group's parameters with gradients, or None where the kernel does not apply to the group."""
         if any(group.get(k, v) != v for k, v in _PLAIN.items()) or torch.is_tensor(group["lr"]):
