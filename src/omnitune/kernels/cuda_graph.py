@@ -120,9 +120,9 @@ class GraphedGrads:
             fresh = [b for p, b in zip(params, targets) if p.grad is None]
             if fresh:  # some of the reached params start their window here
                 torch._foreach_zero_(fresh)
-            for p, b in zip(params, targets):
-                if p.grad is not None and p.grad is not b:  # from an eager or a first micro-step: carry them over
-                    b.copy_(p.grad)
+            held = [(b, p.grad) for p, b in zip(params, targets) if p.grad is not None and p.grad is not b]
+            if held:  # from an eager or a first micro-step: carried over, one launch for all
+                torch._foreach_copy_([b for b, _ in held], [g for _, g in held])
         captured.graph.replay()
         self.replays += 1
         for p, b in zip(params, targets):
