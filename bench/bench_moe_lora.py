@@ -235,8 +235,8 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     experts = [f"{prefix}.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=attn, target_parameters=experts)
     model = get_peft_model(model, lcfg)
-    # "ours~norms~linear~loss~qkv~router~select~handoff~adamw" = ours with those features off (to attribute the gain); "ours+graph" = ours with the
-    # whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
+    # "ours~norms~linear~loss~qkv~router~select~handoff~adamw" = ours with those features off (to attribute the
+    # gain); "ours+graph" = ours with the whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
     # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
     # "+qlora" = the experts' weights in 4-bit NF4 (model/qlora.py)
     name = impl
@@ -368,6 +368,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
         steps_marks = [marks[i:i + 4] for i in range(0, len(marks), 4)][-steps:]
         for k, name_ in enumerate(("before_graph", "graph", "after_graph")):
             phases[f"{name_}_ms"] = statistics.median(m[k].elapsed_time(m[k + 1]) for m in steps_marks)
+    if graphed and DEVICE == "cuda":
         torch.cuda.CUDAGraph.replay = replay
     syncs = count_host_syncs(step) if DEVICE == "cuda" else None
     label = f"model_{name.replace('~', '_')}_{seq}_{layers}"
