@@ -46,6 +46,7 @@ def test_bench_dry_run_of_the_graphed_selective_and_qlora_variants(tmp_path):
 def test_bench_speedups_compare_only_runs_of_the_same_size():
     import importlib.util
 
+    sys.path.insert(0, str(ROOT / "bench"))  # its shared module, as running the script puts it on the path
     spec = importlib.util.spec_from_file_location("bench_moe_lora", ROOT / "bench" / "bench_moe_lora.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -64,3 +65,22 @@ def test_the_gpu_training_check_dry_runs_on_the_cpu():
                          text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "== packing=False B=4 qlora=True" in res.stdout and ": OK" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_trainer_bench_dry_runs_both_paths_through_omnitune_train(tmp_path):
+    """bench/bench_train.py drives the real trainer: on the CPU at tiny widths its two runs must finish, report the
+    plan they ran, and compare against the plain path."""
+    env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out"),
+           "OMNITUNE_CACHE": os.environ["OMNITUNE_CACHE"]}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--runs", "ours,peft", "--seq", "96", "--layers",
+           "2", "--steps", "3", "--warmup", "1", "--set", "train.precision=fp32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "bench_train.json").read_text())["results"]
+    assert [r["run"] for r in results] == ["ours", "peft"] and all("error" not in r for r in results), results
+    ours, peft = results
+    assert any("omnitune fused kernels" in line for line in ours["plan"])
+    assert any("transformers + PEFT (plain)" in line for line in peft["plan"])
+    assert 64 <= ours["tokens"] <= 96 and ours["ms"] > 0 and len(ours["step_intervals_ms"]) == 2
+    assert "| ours | omnitune train (r16, 2 layers) |" in res.stdout

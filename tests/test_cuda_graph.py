@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from omnitune.kernels.cuda_graph import GraphCaptureError, GraphedGrads
+from omnitune.train.cuda_graph import GraphCaptureError, GraphedGrads
 
 
 def test_eager_path_accumulates_grads_like_backward_and_returns_extras():

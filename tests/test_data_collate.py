@@ -7,7 +7,8 @@ import torch
 
 from data_helpers import data_cfg, media_files, processor, user
 from omnitune.data.collate import OmniCollator, sample_weight
-from omnitune.data.render import IGNORE, render
+from omnitune.data.render import render
+from omnitune.tokens import IGNORE_INDEX
 from omnitune.data.schema import validate_record
 from omnitune.model.tiny import TOKEN_IDS
 
@@ -40,7 +41,7 @@ def test_collator_pads_right_and_concatenates_media(tmp_path):
     assert (B, L) == (4, max(lengths))
     for b, n in enumerate(lengths):
         assert torch.equal(batch["input_ids"][b, :n], samples[b]["input_ids"])
-        assert batch["attention_mask"][b].sum() == n and (batch["labels"][b, n:] == IGNORE).all()
+        assert batch["attention_mask"][b].sum() == n and (batch["labels"][b, n:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][b, n:] == TOKEN_IDS["im_end"]).all()
     # Two audio clips (samples 1 and 2), padded to the longer one, with their frame masks.
     assert batch["input_features"].shape[:2] == (2, 128)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from data_helpers import data_cfg, media_files, processor, tinted_frame, tone, user, write_mp4, write_wav
-from omnitune.data.render import IGNORE, audio_token_count, decode_record, render, render_segments, render_text
+from omnitune.tokens import IGNORE_INDEX
+from omnitune.data.render import audio_token_count, decode_record, render, render_segments
 from omnitune.data.schema import validate_record
 from omnitune.model.tiny import TOKEN_IDS
 
@@ -79,14 +80,14 @@ def test_labels_mask_everything_but_assistant_turns(tmp_path):
                              {"role": "assistant", "content": [{"type": "text", "text": "Still blue."}]}])
     s = render(processor(), rec, data_cfg())
     ids, labels = s["input_ids"], s["labels"]
-    trained = labels != IGNORE
+    trained = labels != IGNORE_INDEX
     assert (labels[trained] == ids[trained]).all()
     assert _trained(s) == ["blue<|im_end|>", "Still blue.<|im_end|>"]
     # The header and the newline after <|im_end|> stay masked.
     ends = (ids == TOKEN_IDS["im_end"]).nonzero().flatten().tolist()
     assert [bool(trained[e]) for e in ends] == [False, False, True, False, True]
     assert not trained[ends[2] + 1] and not trained[ends[2] - 2]
-    text = render_text(ids, labels, processor().tokenizer)
+    text = "".join(f"[[{s}]]" if t else s for s, t in render_segments(ids, labels, processor().tokenizer))
     assert "<|im_start|>assistant\n[[blue<|im_end|>]]\n" in text and "<|image_pad|>x4" in text
 
 

@@ -11,9 +11,9 @@ import pytest
 from rich.console import Console
 
 from omnitune.eval.report import scores_table
-from omnitune.eval.runner import (EvalError, evaluate, exact_match_accuracy, generate_predictions,
-                                  read_eval_records, record_losses, reference_of)
-from omnitune.infer import load_generation_processor, load_model, resolve_source
+from omnitune.eval.runner import (EvalError, evaluate, generate_predictions,
+                                  read_eval_records, record_losses)
+from omnitune.model.source import load_generation_processor, load_model, resolve_source
 from test_infer_fixtures import lora_run_dir, media, write_jsonl  # noqa: F401  (fixtures)
 
 
@@ -68,17 +68,18 @@ def test_free_task_loss_does_not_depend_on_batching(tuned, eval_file):
         assert a == pytest.approx(b, rel=1e-4)
 
 
-def test_exact_match_accuracy_against_the_models_own_answers(tuned, eval_file):
+def test_qa_exact_match_against_the_models_own_answers(lora_run_dir, tuned, eval_file):
     src, proc, model = tuned
-    records, _ = read_eval_records(eval_file, "instruct")
-    records = records[:2]
+    records = read_eval_records(eval_file, "instruct")[0][:2]
     preds = generate_predictions(model, proc, records, src.data, max_new_tokens=4)
-    assert exact_match_accuracy(model, proc, records, src.data, max_new_tokens=4)["accuracy"] == 0.0
-    for rec, pred in preds:
-        rec.messages[-1]["content"] = pred  # the model's own greedy answer becomes the reference
-    assert reference_of(records[0]) == preds[0][1]
-    assert exact_match_accuracy(model, proc, records, src.data, max_new_tokens=4) == {"accuracy": 1.0,
-                                                                                      "samples": 2.0}
+    assert evaluate(lora_run_dir, eval_file, "qa", max_new_tokens=4, limit=2, write=False,
+                    on_error="skip").results["tuned"].scores["exact_match"] == 0.0
+    raw = [json.loads(line) for line in eval_file.read_text().splitlines()[:2]]
+    for rec, (_, pred) in zip(raw, preds):
+        rec["conversations"][-1]["content"] = pred  # the model's own greedy answer becomes the reference
+    own = write_jsonl(eval_file.parent / "own_answers.jsonl", raw)
+    scores = evaluate(lora_run_dir, own, "qa", max_new_tokens=4, write=False).results["tuned"].scores
+    assert scores["exact_match"] == 1.0
 
 
 def test_evaluate_compares_base_and_writes_predictions_report_and_plots(lora_run_dir, eval_file, tmp_path):
@@ -106,7 +107,7 @@ def test_evaluate_compares_base_and_writes_predictions_report_and_plots(lora_run
 
 def test_compare_base_loads_the_base_once_and_predicts_like_separately_loaded_models(lora_run_dir, eval_file,
                                                                                       monkeypatch):
-    import omnitune.infer as infer
+    import omnitune.model.source as source
 
     src = resolve_source(lora_run_dir)
     proc = load_generation_processor(src)
@@ -116,8 +117,8 @@ def test_compare_base_loads_the_base_once_and_predicts_like_separately_loaded_mo
                 for label, s in (("base", replace(src, weights=None)), ("tuned", src))}
     assert expected["base"] != expected["tuned"]
     loads = []
-    real = infer.load_thinker
-    monkeypatch.setattr(infer, "load_thinker", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = source.load_thinker
+    monkeypatch.setattr(source, "load_thinker", lambda *a, **k: loads.append(1) or real(*a, **k))
     report = evaluate(lora_run_dir, eval_file, "qa", compare_base=True, on_error="skip", write=False,
                       max_new_tokens=4, batch_size=4, limit=4)
     assert len(loads) == 1  # the base, once: the adapter is merged into it for the tuned run

@@ -14,11 +14,14 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoConfig, AutoProcessor, Qwen3OmniMoeForConditionalGeneration
 
-from omnitune.export import ExportError, export_run, tensor_layout
-from omnitune.infer import InferError, Inferencer, collate_prompts, encode_prompt, prompt_record
+from omnitune.export import ExportError, export_run
+from omnitune.data.render import render
+from omnitune.infer import Inferencer, collate_prompts, prompt_record
 from omnitune.model.load import load_thinker
+from omnitune.model.source import SourceError
 from omnitune.model.tiny import tiny_checkpoint
 from omnitune.run_dir import RunDir
+from model_helpers import tensor_layout
 from test_infer_fixtures import full_run_dir, lora_run_dir, media  # noqa: F401  (fixtures)
 
 
@@ -29,7 +32,7 @@ def _inputs(run_root, media_root):
     conv = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "image", "image": "i.png"},
                                          {"type": "text", "text": "What do you hear and see?"}]}]
     rec = prompt_record(conv, base_dir=media_root)
-    batch = collate_prompts([encode_prompt(proc, rec, recipe.data)], proc.tokenizer.pad_token_id)
+    batch = collate_prompts([render(proc, rec, recipe.data, generation=True)], proc.tokenizer.pad_token_id)
     batch.pop("use_audio_in_video")
     return batch
 
@@ -111,7 +114,7 @@ def test_export_writes_config_generation_config_processor_and_no_pickles(lora_ru
     assert proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
-    with pytest.raises(InferError, match="no Talker"):  # a thinker-only export serves text only
+    with pytest.raises(SourceError, match="no Talker"):  # a thinker-only export serves text only
         Inferencer(out, speech=True)
 
 

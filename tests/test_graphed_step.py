@@ -3,6 +3,7 @@ bucket padding) and static loss must give the eager trainer's loss and gradients
 same function eagerly, so these tests check everything but the capture itself (bench/ checks that on the GPU)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from transformers import TrainingArguments
 from omnitune.data.collate import OmniCollator
 from omnitune.data.synthetic import make_demo_dataset
 from omnitune.recipe import load_recipe
-from omnitune.kernels.cuda_graph import GraphCaptureError
+from omnitune.train.cuda_graph import GraphCaptureError
 from omnitune.train.graphed_step import MASK_ARG, MASKED_SDPA_BACKENDS, GraphedTrainStep, pad_to_bucket, trained_rows
-from omnitune.train.trainer import PACKED_KEYS, OmniTrainer, packed_position_ids
+from omnitune.train.objectives import PACKED_KEYS, ThinkerLM, packed_position_ids
+from omnitune.train.plan import make_plan
+from omnitune.train.trainer import OmniTrainer
 
 TEXT_ONLY = {"conversations": [{"role": "user", "content": "Name a warm colour."},
                                {"role": "assistant", "content": "red"}]}
@@ -33,8 +36,7 @@ def setup(tmp_path_factory):
         f.write(json.dumps(TEXT_ONLY) + "\n")
     recipe = load_recipe("demo", [f"data.train={train_file}", f"data.eval={eval_file}",
                                   f"output_dir={tmp_path_factory.mktemp('run')}", "data.workers=1",
-                                  "adapter.targets=[attention,experts]", "adapter.freeze_audio_projector=true",
-                                  "adapter.freeze_vision_merger=true"])
+                                  "adapter.targets=[attention,experts]", "adapter.train=[]"])
     processor = load_processor(recipe.model)
     train_ds, _ = load_or_prepare(recipe, processor)
     samples = [s for s in (train_ds[i] for i in range(len(train_ds))) if "vision" not in s["modalities"]]
@@ -55,7 +57,8 @@ def grads_of(model):
 
 
 def eager_loss_and_grads(model, batch, tmp_path):
-    trainer = OmniTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    trainer = OmniTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                          objective=ThinkerLM())
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, dict(batch))
     loss.backward()
@@ -69,7 +72,7 @@ def graphed_loss_and_grads(model, batch, bucket):
     batch = dict(batch)
     position_ids = None
     if "seq_lengths" in batch:
-        position_ids = packed_position_ids(thinker.model, batch, *[batch.pop(k) for k in PACKED_KEYS])
+        position_ids = packed_position_ids(step.backbone, batch, *[batch.pop(k) for k in PACKED_KEYS])
     loss = step(batch, position_ids, None)
     return loss.detach(), grads_of(model)
 
@@ -100,22 +103,22 @@ def test_graphed_step_accumulates_into_existing_grads_like_backward(setup, tmp_p
         torch.testing.assert_close(g, 2 * once[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_graphed_step_applies_only_to_batches_it_can_capture(setup, monkeypatch):
+def test_graphed_step_says_why_a_batch_runs_eagerly(setup, monkeypatch):
     samples, model, collate = setup
     thinker = model.base_model.model
-    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = GraphedTrainStep(thinker, params)
     batch = collate[False](samples)
-    assert not step.applies(batch, want_router=False)  # CPU tensors: nothing to capture
+    assert step.eager_reason(batch) == "the batch is not on a CUDA device"  # CPU tensors: nothing to capture
     # the rules themselves, with the device checks answered as on a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     batch["input_ids"] = type("OnGpu", (), {"is_cuda": True})()
-    assert step.applies(batch, want_router=False)
-    assert not step.applies(batch, want_router=True)
-    assert not step.applies({**batch, "pixel_values": torch.zeros(1)}, want_router=False)
+    assert step.eager_reason(batch) is None
+    assert step.eager_reason({**batch, "pixel_values": torch.zeros(1)}) == "the batch has images or video"
     projector = next(thinker.model.audio_tower.parameters())
     projector.requires_grad_(True)
     try:
-        assert not step.applies(batch, want_router=False)
+        assert "before the decoder" in GraphedTrainStep(thinker, params).eager_reason(batch)
     finally:
         projector.requires_grad_(False)
 
@@ -127,7 +130,7 @@ def test_right_padding_and_single_packed_samples_need_no_mask_but_left_padding_a
 
     def graph_args(batch):
         batch = dict(batch)
-        pos = packed_position_ids(thinker.model, batch, *[batch.pop(k) for k in PACKED_KEYS]) \
+        pos = packed_position_ids(step.backbone, batch, *[batch.pop(k) for k in PACKED_KEYS]) \
             if "seq_lengths" in batch else None
         return step.prepare(batch, pos, None)
 
@@ -158,7 +161,7 @@ def test_a_capture_that_fails_with_cudnn_attention_is_retried_without_it(setup, 
     assert "capturing without it" in caplog.text
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the restriction lasted only for the call
     packed = dict(collate[True](samples))
-    pos = packed_position_ids(thinker.model, packed, *[packed.pop(k) for k in PACKED_KEYS])
+    pos = packed_position_ids(step.backbone, packed, *[packed.pop(k) for k in PACKED_KEYS])
 
     def always_fails(*args):
         raise GraphCaptureError("no")
@@ -173,12 +176,17 @@ def test_trainer_reports_how_its_micro_steps_ran(setup, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
                              per_device_train_batch_size=2, save_strategy="no", remove_unused_columns=False,
                              disable_tqdm=True)
+    cpu_plan = make_plan(load_recipe("demo"))
+    assert not cpu_plan.cuda_graphs and cpu_plan.cuda_graphs_why == "no CUDA device"
+    graphs_plan = replace(cpu_plan, cuda_graphs=True, graph_bucket=64)  # as on a GPU, to see the fallback
     trainer = OmniTrainer(model=model, args=args, train_dataset=samples, data_collator=collate[False],
-                          graph_bucket=64)
+                          objective=ThinkerLM(), plan=graphs_plan)
     trainer.train()
-    # on the CPU nothing can be captured: every micro-step ran eagerly, and the line says so
-    assert trainer.graph_summary() == "CUDA graphs: 0 captured, 0 micro-steps replayed, 2 eager"
-    no_graphs = OmniTrainer(model=model, args=args, train_dataset=samples, data_collator=collate[False])
+    # on the CPU nothing can be captured: every micro-step ran eagerly, and the line says so and why
+    assert trainer.graph_summary() == ("CUDA graphs: 0 captured, 0 micro-steps replayed, 2 eager "
+                                       "(the batch is not on a CUDA device)")
+    no_graphs = OmniTrainer(model=model, args=args, train_dataset=samples, data_collator=collate[False],
+                            objective=ThinkerLM(), plan=cpu_plan)
     assert no_graphs.graph_summary() is None
 
 

@@ -149,8 +149,8 @@ def test_streamer_releases_replies_without_a_think_block():
 
 
 def test_generation_uses_the_variants_template_even_on_a_checkpoint_with_another(tiny_dir):
-    from omnitune.data.template import chat_template
-    from omnitune.infer import load_generation_processor, resolve_source
+    from omnitune.model.template import chat_template
+    from omnitune.model.source import load_generation_processor, resolve_source
 
     proc = load_generation_processor(resolve_source("tiny", variant="thinking"))
     assert proc.chat_template == chat_template("thinking")

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from omnitune.model.adapters import apply_adapters, randomize_lora
+from omnitune.model.adapters import apply_adapters
+from model_helpers import randomize_lora
 from omnitune.model.load import load_processor, load_thinker
 from omnitune.recipe import load_recipe
 from omnitune.run_dir import RunDir

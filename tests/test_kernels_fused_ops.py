@@ -1,6 +1,6 @@
 """Fused norm / SwiGLU / rotary swaps keep the model's function; their math is transformers' own."""
 import torch
-from test_kernels_peft import batch, tiny_thinker
+from model_helpers import batch, tiny_thinker
 
 from omnitune.kernels.fused_ops import (
     disable_fused_norms,
@@ -129,7 +129,7 @@ def test_fused_norms_keep_gradient_checkpointing_of_the_decoder_layers():
     assert len(calls) == 2 * forward_calls  # recomputed in the backward: the layers are still checkpointed
     for a, b in zip(got, ref):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
-    from omnitune.kernels.checkpointing import keep_activations
+    from omnitune.train.checkpointing import keep_activations
 
     keep_activations(model, 1)  # the trainer's `uncheckpointed_layers`: the last layer is not recomputed
     calls.clear()

@@ -1,6 +1,6 @@
 """The fused router swap keeps the Thinker's function: same math as transformers' top-k router."""
 import torch
-from test_kernels_peft import batch, tiny_thinker
+from model_helpers import batch, tiny_thinker
 
 from omnitune.kernels.router import disable_fused_router, enable_fused_router, top_k_softmax
 

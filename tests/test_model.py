@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
 
 from omnitune.model.adapters import (AdapterError, apply_adapters, load_adapter, lora_targets, merge,
-                                     randomize_lora, trainable_summary)
+                                     trainable_summary)
+from model_helpers import randomize_lora
 from omnitune.model.load import ModelLoadError, load_processor, load_thinker
 from omnitune.model.tiny import TOKEN_IDS, build_tiny_model, tiny_config
 from omnitune.recipe import AdapterConfig, ModelConfig

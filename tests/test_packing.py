@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-from transformers import TrainingArguments
 
 from omnitune.data.collate import OmniCollator
 from omnitune.data.synthetic import make_demo_dataset
 from omnitune.recipe import load_recipe
 from omnitune.train.loss import token_losses, weighted_loss
+from omnitune.train.objectives import PACKED_KEYS, ThinkerLM, packed_position_ids
 from omnitune.train.run import train
-from omnitune.train.trainer import OmniTrainer
+from model_helpers import logged_losses
 
 TEXT_ONLY = {"conversations": [{"role": "user", "content": "Name a warm colour."},
                                {"role": "assistant", "content": "red"}]}
@@ -97,11 +97,11 @@ def test_per_token_weights_of_a_packed_row_equal_per_sample_weights_of_the_padde
         weighted_loss(per_token, labels, w, None).item())
 
 
-def _loss_and_grads(model, batch, trainer):
-    """Total training loss, hidden states and LoRA grads of one batch through OmniTrainer.compute_loss."""
+def _loss_and_grads(model, batch, objective):
+    """Total training loss, hidden states and LoRA grads of one batch through the trainer's objective."""
     model.zero_grad(set_to_none=True)
     labels = batch["labels"]
-    loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+    loss, out = objective.loss_and_outputs(model, batch, None)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     return loss.detach(), out.last_hidden_state.detach(), labels, grads
@@ -112,11 +112,10 @@ def test_packed_row_gives_the_padded_batch_per_token_losses_total_loss_and_lora_
     samples, model, collate = setup
     model.base_model.model.set_attn_implementation(attention)
     model.train()
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = OmniTrainer(model=model, args=args, router_aux_coef=0.5)  # aux on: its packed mean must match too
+    objective = ThinkerLM(router_aux_coef=0.5)  # aux on: its packed mean must match too
     head = model.base_model.model.lm_head
-    loss_pad, hid_pad, lab_pad, g_pad = _loss_and_grads(model, collate[False](samples), trainer)
-    loss_pack, hid_pack, lab_pack, g_pack = _loss_and_grads(model, collate[True](samples), trainer)
+    loss_pad, hid_pad, lab_pad, g_pad = _loss_and_grads(model, collate[False](samples), objective)
+    loss_pack, hid_pack, lab_pack, g_pack = _loss_and_grads(model, collate[True](samples), objective)
 
     with torch.no_grad():
         tok_pad, tok_pack = token_losses(hid_pad, head, lab_pad), token_losses(hid_pack, head, lab_pack)
@@ -135,8 +134,6 @@ def test_packed_row_gives_the_padded_batch_per_token_losses_total_loss_and_lora_
 
 
 def test_packed_positions_keep_fractional_video_times(setup):
-    from omnitune.train.trainer import PACKED_KEYS, packed_position_ids
-
     samples, model, collate = setup
     batch = collate[True](samples)
     pos = packed_position_ids(model.base_model.model.model, batch, *(batch[k] for k in PACKED_KEYS))
@@ -145,16 +142,13 @@ def test_packed_positions_keep_fractional_video_times(setup):
     assert (pos[1:] != pos[1:].round()).any()  # 6.5: an integer position would be a different rotation
 
 
-def losses(run_dir):
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 def test_training_with_packing_follows_the_padded_loss_curve_through_train_and_eval(demo_data, tmp_path):
     extra = ("train.max_steps=2", "train.batch_size=3", "train.save_steps=2", "train.logging_steps=1")
     padded = train(small_recipe(demo_data, tmp_path / "padded", *extra))
     packed = train(small_recipe(demo_data, tmp_path / "packed", "data.packing=true", *extra))
     assert packed.global_step == 2
-    assert losses(tmp_path / "packed") == pytest.approx(losses(tmp_path / "padded"), rel=1e-5)
+    packed_curve, padded_curve = logged_losses(tmp_path / "packed"), logged_losses(tmp_path / "padded")
+    assert [s for s, _ in packed_curve] == [s for s, _ in padded_curve]
+    assert [v for _, v in packed_curve] == pytest.approx([v for _, v in padded_curve], rel=1e-5)
     assert packed.eval_loss == pytest.approx(padded.eval_loss, rel=1e-5)
     assert (tmp_path / "packed" / "adapter" / "adapter_config.json").exists()

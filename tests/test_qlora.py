@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from test_kernels_peft import batch, lora_config, tiny_thinker
+from model_helpers import batch, lora_config, quantized_experts, tiny_thinker
 from test_train import demo_data, small_recipe  # noqa: F401  (fixture)
 
 from omnitune.kernels import enable_fast_lora
 from omnitune.kernels.nf4 import BLOCK, NF4_CODES, dequantize_nf4, quantize_nf4
-from omnitune.model.qlora import quantize_experts, quantized_experts
+from omnitune.model.qlora import quantize_experts
 from omnitune.recipe import RecipeError, load_recipe
 
 
@@ -119,7 +119,7 @@ def qlora_run(demo_data, tmp_path_factory):  # noqa: F811
 
 
 def test_train_with_qlora_writes_an_adapter_that_loads_on_the_bf16_base(qlora_run):
-    from omnitune.infer import resolve_source
+    from omnitune.model.source import resolve_source
     from omnitune.model.load import load_thinker
 
     adapter = qlora_run / "adapter"
@@ -131,7 +131,7 @@ def test_train_with_qlora_writes_an_adapter_that_loads_on_the_bf16_base(qlora_ru
 
 def test_text_generation_of_a_qlora_run_uses_its_nf4_thinker_with_the_adapter_unmerged(qlora_run, demo_data):  # noqa: F811
     from omnitune.eval.runner import evaluate
-    from omnitune.infer import load_model, resolve_source
+    from omnitune.model.source import load_model, resolve_source
     from omnitune.model.load import load_thinker
 
     src = resolve_source(qlora_run)

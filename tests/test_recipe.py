@@ -38,8 +38,11 @@ def test_bad_choice_lists_the_valid_ones():
 
 
 def test_seed_expert_names_are_rejected_with_the_real_ones():
-    with pytest.raises(RecipeError, match="gate_up_proj"):
-        load_recipe("demo", ["adapter.targets=[experts.*.wi]"])
+    from omnitune.model.adapters import AdapterError, check_adapter_config
+
+    with pytest.raises(AdapterError, match="gate_up_proj"):  # checked against the parts map before any loading
+        check_adapter_config(load_recipe("demo", ["adapter.targets=[experts.*.wi]"]).adapter,
+                             "Qwen3OmniMoeThinkerForConditionalGeneration")
     with pytest.raises(RecipeError, match="unknown key"):
         load_recipe("demo", ["model.num_experts=8"])
 

@@ -1,7 +1,5 @@
 """Training: weighted loss, router balance loss, atomic checkpoints, and resume after an interruption."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +8,10 @@ from transformers import Trainer
 from omnitune.data.synthetic import make_demo_dataset
 from omnitune.recipe import load_recipe
 from omnitune.train.loss import token_losses, weighted_loss
+from omnitune.train.objectives import ThinkerLM
 from omnitune.train.run import router_aux_coef, train
 from omnitune.train.trainer import OmniTrainer
+from model_helpers import logged_losses
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,6 @@ def small_recipe(demo_data, out, *extra):
     return load_recipe("demo", [f"data.train={train_file}", f"data.eval={eval_file}", f"output_dir={out}",
                                 "data.workers=1", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1",
                                 "train.batch_size=2", "train.grad_accum=2", "log.tensorboard=false", *extra])
-
-
-def losses(run_dir):
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["fused-kernel", "module-chunks"])
@@ -76,8 +71,8 @@ def test_router_balance_loss_is_added_to_the_training_loss(tiny_dir, tmp_path):
     ids = torch.randint(0, 5000, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    plain = OmniTrainer(model=thinker, args=args, router_aux_coef=0.0).compute_loss(thinker, batch)
-    with_aux = OmniTrainer(model=thinker, args=args, router_aux_coef=0.5).compute_loss(thinker, batch)
+    plain = OmniTrainer(model=thinker, args=args, objective=ThinkerLM(0.0)).compute_loss(thinker, batch)
+    with_aux = OmniTrainer(model=thinker, args=args, objective=ThinkerLM(0.5)).compute_loss(thinker, batch)
     out = thinker(**batch, output_router_logits=True)
     torch.testing.assert_close(with_aux - plain, 0.5 * out.aux_loss, rtol=1e-4, atol=1e-6)
 
@@ -85,7 +80,7 @@ def test_router_balance_loss_is_added_to_the_training_loss(tiny_dir, tmp_path):
 def test_resume_after_interruption_reproduces_the_uninterrupted_loss_curve(demo_data, tmp_path, monkeypatch):
     full = train(small_recipe(demo_data, tmp_path / "full"))
     assert full.global_step == 6
-    reference = losses(tmp_path / "full")
+    reference = logged_losses(tmp_path / "full")
     assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
 
     original = OmniTrainer.training_step
@@ -105,7 +100,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_loss_curve(demo_
         train(small_recipe(demo_data, tmp_path / "cut"))
     resumed = train(small_recipe(demo_data, tmp_path / "cut"), resume=True)
     assert resumed.global_step == 6
-    assert losses(tmp_path / "cut") == reference
+    assert logged_losses(tmp_path / "cut") == reference
     assert (tmp_path / "cut" / "adapter" / "adapter_config.json").exists()
 
 
@@ -135,10 +130,10 @@ def test_sharded_strategies_and_unsynchronised_launches_are_refused(demo_data, t
 def test_selective_and_partial_checkpointing_train_the_same_curve_as_full(demo_data, tmp_path):
     extra = ("train.gradient_checkpointing=true", "train.max_steps=3", "train.save_steps=3")
     train(small_recipe(demo_data, tmp_path / "full", *extra))
-    full = losses(tmp_path / "full")
+    full = logged_losses(tmp_path / "full")
     for name, option in (("sel", "train.checkpoint_policy=selective"), ("keep", "train.uncheckpointed_layers=1")):
         train(small_recipe(demo_data, tmp_path / name, *extra, option))
-        other = losses(tmp_path / name)
+        other = logged_losses(tmp_path / name)
         assert [s for s, _ in other] == [1, 2, 3]
         for (_, a), (_, b) in zip(full, other):
             assert b == pytest.approx(a, rel=1e-5), name

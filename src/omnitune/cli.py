@@ -81,6 +81,9 @@ def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or
         report = evaluate(source, data, task, adapter=adapter, compare_base=compare == "base",
                           batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out, limit=limit,
                           on_error=on_error)
+    from omnitune.eval.report import scores_table
+
+    console.print(scores_table(report))
     for name, path in (report.files or {}).items():
         console.print(f"{name}: {path}")
 

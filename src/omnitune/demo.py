@@ -38,7 +38,8 @@ def run_demo(out: Path, seed: int = 0, n_train: int = 96, n_eval: int = 24, over
     from omnitune.data.synthetic import make_demo_dataset
     from omnitune.model.adapters import load_adapter
     from omnitune.model.load import load_processor, load_thinker
-    from omnitune.train.heldout import heldout_scores
+    from omnitune.eval.heldout import heldout_scores
+    from omnitune.tokens import pad_id
     from omnitune.train.run import train
 
     console = console or Console()
@@ -55,7 +56,7 @@ def run_demo(out: Path, seed: int = 0, n_train: int = 96, n_eval: int = 24, over
     console.rule("2/5 prepare")
     processor = load_processor(recipe.model)
     _, eval_ds = load_or_prepare(recipe, processor, console=console)
-    collator = OmniCollator(processor.tokenizer.pad_token_id, recipe.train.loss_weights)
+    collator = OmniCollator(pad_id(processor.tokenizer), recipe.train.loss_weights)
 
     console.rule("3/5 held-out scores of the base model")
     before = heldout_scores(load_thinker(recipe.model), eval_ds, collator)

@@ -27,9 +27,10 @@ from typing import Any
 from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
 from omnitune.errors import OmnituneError
-from omnitune.infer import Source, load_generation_processor, resolve_source, with_trained_thinker
 from omnitune.model.load import load_full
+from omnitune.model.source import Source, load_generation_processor, resolve_source, with_trained_thinker
 from omnitune.recipe import Recipe
+from omnitune.tokens import pad_id
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Names that only exist on a model still wrapped by PEFT: seeing one in the output means the merge failed.
@@ -103,7 +104,7 @@ def _generation_config(model, tokenizer) -> GenerationConfig:
     if im_end is None or im_end == tokenizer.unk_token_id:
         raise ExportError("the tokenizer has no <|im_end|> token")
     gen.eos_token_id = im_end
-    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else im_end
+    gen.pad_token_id = pad_id(tokenizer)
     return gen
 
 
@@ -204,16 +205,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-
-
-def tensor_layout(checkpoint: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) of every tensor in a safetensors checkpoint directory (sharded or not)."""
-    from safetensors import safe_open
-
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for shard in sorted(Path(checkpoint).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
-    return out

@@ -65,20 +65,46 @@ class DataConfig(_Section):
         return self
 
 
+LEGACY_FREEZE_KEYS = ("audio_tower", "audio_projector", "vision_tower", "vision_merger", "llm")
+
+
 class AdapterConfig(_Section):
+    """What trains. Part names (`targets`, `train`, `freeze`) are those of model/parts.py; they are checked against
+    the model's parts map before any weight is loaded."""
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="qlora: LoRA with the frozen fused-expert weights stored in 4-bit NF4 (model/qlora.py)")
     rank: int = Field(64, gt=0)
     alpha: float = Field(128, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: list[Literal["attention", "experts", "router"]] = Field(default_factory=lambda: ["attention", "experts"])
+    targets: list[str] = Field(default_factory=lambda: ["attention", "experts"],
+                               description="parts that get LoRA: attention, experts, router (Thinker), ...")
     modules: list[str] = Field(default_factory=list, description="extra full module names (nn.Linear) to adapt")
-    freeze_audio_tower: bool = True
-    freeze_audio_projector: bool = True
-    freeze_vision_tower: bool = True
-    freeze_vision_merger: bool = True
-    freeze_llm: bool = Field(False, description="full fine-tune only: keep the language model frozen "
-                             "(under LoRA the base model is always frozen)")
+    train: list[str] = Field(default_factory=list, description="parts trained in full: beside the LoRA adapter "
+                             "(saved with it), or inside a frozen part under method=full (e.g. audio_projector)")
+    freeze: list[str] = Field(default_factory=lambda: ["audio_tower", "vision_tower"],
+                              description="method=full: parts kept frozen (under LoRA every base weight is)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_freeze_switches(cls, raw: Any) -> Any:
+        """Recipes written before the parts map said `freeze_<part>: bool`; read them as `train` / `freeze`."""
+        if not isinstance(raw, dict) or not any(f"freeze_{k}" in raw for k in LEGACY_FREEZE_KEYS):
+            return raw
+        raw = dict(raw)
+        train = list(raw.get("train", []))
+        freeze = list(raw.get("freeze", ["audio_tower", "vision_tower"]))
+        for key in LEGACY_FREEZE_KEYS:
+            frozen = raw.pop(f"freeze_{key}", None)
+            if frozen is None:
+                continue
+            if frozen:
+                freeze = freeze if key in freeze else freeze + [key]
+                train = [t for t in train if t != key]
+            else:
+                freeze = [f for f in freeze if f != key]
+                if key != "llm" and key not in train:
+                    train.append(key)
+        return {**raw, "train": train, "freeze": freeze}
 
     @model_validator(mode="after")
     def _dropout_with_experts(self) -> "AdapterConfig":
@@ -109,7 +135,7 @@ class TrainConfig(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
     checkpoint_policy: Literal["full", "selective"] = Field(
-        "full", description="selective: keep attention outputs through the recompute (kernels/checkpointing.py)")
+        "full", description="selective: keep attention outputs through the recompute (train/checkpointing.py)")
     uncheckpointed_layers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="with gradient_checkpointing: the last N decoder layers keep their activations (no "
         "recompute in the backward): faster, for ~0.3 GiB per layer at 4096 tokens. auto: as many as the GPU's "
@@ -246,11 +272,7 @@ def _explain(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return f"  {loc}: unknown key" + _closest(err["loc"])
     if err["type"] == "literal_error":
-        msg = f"  {loc}: {err['input']!r} is not one of {err['ctx']['expected']}"
-        if loc.startswith("adapter.targets"):
-            msg += (" (Qwen3-Omni has 128 fused experts per layer, mlp.experts.gate_up_proj/down_proj: "
-                    "'experts' targets them; use adapter.modules for other nn.Linear names)")
-        return msg
+        return f"  {loc}: {err['input']!r} is not one of {err['ctx']['expected']}"
     return f"  {loc}: {err['msg']} (got {err.get('input')!r})"
 
 

@@ -6,15 +6,20 @@ unsynchronised gradients)."""
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from omnitune.data.collate import OmniCollator
-from omnitune.model.adapters import apply_adapters, randomize_lora
+from omnitune.model.adapters import apply_adapters
 from omnitune.model.load import load_thinker
 from omnitune.recipe import load_recipe
+from omnitune.train.objectives import ThinkerLM
 from omnitune.train.trainer import OmniTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers
+from model_helpers import randomize_lora  # noqa: E402
 
 
 class GradChecksums(TrainerCallback):
@@ -30,8 +35,8 @@ class GradChecksums(TrainerCallback):
 
 def main() -> None:
     out, bypass = sys.argv[1], "--bypass-ddp" in sys.argv
-    recipe = load_recipe("demo", ["adapter.targets=[attention,experts]", "adapter.freeze_audio_projector=true",
-                                  "adapter.freeze_vision_merger=true"])  # every trainable param gets a gradient
+    recipe = load_recipe("demo", ["adapter.targets=[attention,experts]", "adapter.train=[]"])  # every trainable
+    # param gets a gradient
     torch.manual_seed(0)  # the same initial model in every process
     model = apply_adapters(load_thinker(recipe.model), recipe.adapter)
     randomize_lora(model, seed=0)
@@ -45,12 +50,13 @@ def main() -> None:
                              max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
                              remove_unused_columns=False, disable_tqdm=True, ddp_find_unused_parameters=False)
     rank = int(os.environ["RANK"])
-    trainer = OmniTrainer(model=model, args=args, train_dataset=samples,
+    objective = ThinkerLM()
+    trainer = OmniTrainer(model=model, args=args, train_dataset=samples, objective=objective,
                           data_collator=OmniCollator(0, recipe.train.loss_weights),
                           callbacks=[GradChecksums(model, os.path.join(out, f"grads-{rank}.json"))])
     if bypass:
-        trainer.compute_loss = lambda m, inputs, return_outputs=False, num_items_in_batch=None: trainer._loss(
-            trainer.accelerator.unwrap_model(m), inputs, num_items_in_batch)[0]
+        trainer.compute_loss = lambda m, inputs, return_outputs=False, num_items_in_batch=None: objective.loss(
+            trainer.accelerator.unwrap_model(m), inputs, num_items_in_batch)
     trainer.train()
     print(f"rank {rank}: backend {torch.distributed.get_backend()}, device {args.device}", flush=True)
 

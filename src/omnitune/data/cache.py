@@ -26,10 +26,11 @@ import torch
 from rich.markup import escape
 
 from omnitune.data.pixels import pack_pixels, pixel_norms, unpack_pixels
-from omnitune.data.render import IGNORE, render
+from omnitune.data.render import render
 from omnitune.data.schema import Record, RecordError, read_records
-from omnitune.data.template import chat_template
+from omnitune.model.template import chat_template
 from omnitune.recipe import DataConfig, Recipe, RecipeError
+from omnitune.tokens import IGNORE_INDEX
 
 CACHE_VERSION = 2
 SHARD_BYTES = 256 << 20
@@ -308,7 +309,7 @@ class _ShardWriter:
         self.size += sum(v.numel() * v.element_size() for v in sample.values() if isinstance(v, torch.Tensor))
         self.meta["lines"].append(line)
         self.meta["lengths"].append(len(sample["input_ids"]))
-        self.meta["trained"].append(int((sample["labels"] != IGNORE).sum()))
+        self.meta["trained"].append(int((sample["labels"] != IGNORE_INDEX).sum()))
         self.meta["modalities"].append(sample["modalities"])
         if self.size >= SHARD_BYTES:
             self._flush()

@@ -10,7 +10,7 @@ sample gets the text weight. E.g. with text 1.0 / audio 0.8 / vision 0.9, an aud
 The trainer pops `sample_weight` before calling the model and scales each sample's token loss by it.
 
 Packing (`packing=True`, recipe `data.packing`): the samples' unpadded tokens go into ONE row [1, N] (labels as in
-kernels/packing.py: the first label of each later sample is -100), with `seq_lengths` [B] and per-sample media
+data/packing.py: the first label of each later sample is -100), with `seq_lengths` [B] and per-sample media
 counts `image_counts` / `video_counts` / `audio_counts` [B] so the trainer can compute each sample's M-RoPE
 positions on its own slice; media are concatenated exactly as in a padded batch; `sample_weight` is then per
 token, [1, N]. There is no attention_mask: the model masks attention per sample from the positions.
@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 import torch
 
-from omnitune.data.render import IGNORE
+from omnitune.data.packing import pack_samples
+from omnitune.tokens import IGNORE_INDEX
 
 
 def sample_weight(modalities, weights: Mapping[str, float]) -> float:
@@ -58,7 +59,7 @@ class OmniCollator:
     def _padded_tokens(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         n = max(len(s["input_ids"]) for s in samples)
         ids = torch.full((len(samples), n), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
+        labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(samples), n), dtype=torch.long)
         for b, s in enumerate(samples):
             k = len(s["input_ids"])
@@ -67,11 +68,9 @@ class OmniCollator:
 
     @staticmethod
     def _packed_tokens(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """One row [1, N] of all samples' tokens (kernels/packing.py), plus what splits the media back per sample.
+        """One row [1, N] of all samples' tokens (data/packing.py), plus what splits the media back per sample.
 
         No position_ids here: M-RoPE positions need the model's `get_rope_index`, so the trainer adds them."""
-        from omnitune.kernels.packing import pack_samples  # lazy: omnitune.kernels loads the fast paths (~2 s)
-
         packed = pack_samples([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
         counts = {name: torch.tensor([s[key].shape[0] if key in s else 0 for s in samples])
                   for name, key in (("image_counts", "image_grid_thw"), ("video_counts", "video_grid_thw"),

@@ -17,8 +17,8 @@ import torch
 from omnitune.data.media import MediaError, load_audio, load_image, load_video, video_duration, frame_count
 from omnitune.data.schema import Record, RecordError
 from omnitune.recipe import DataConfig
+from omnitune.tokens import IGNORE_INDEX
 
-IGNORE = -100
 PAD_TOKENS = ("<|audio_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
@@ -90,10 +90,13 @@ def processor_kwargs(data: DataConfig, media: Decoded) -> dict[str, Any]:
     return kw
 
 
-def render(processor, record: Record, data: DataConfig, media: Decoded | None = None) -> dict[str, Any]:
-    """Render one validated record: decode its media (unless given), call the processor, check, add labels."""
+def render(processor, record: Record, data: DataConfig, media: Decoded | None = None,
+           generation: bool = False) -> dict[str, Any]:
+    """Render one validated record: decode its media (unless given), call the processor, check the placeholder
+    counts, add labels. `generation`: the record is a prompt (it ends with a user turn) to be answered: the
+    assistant header is appended, nothing is labelled and data.max_length does not apply."""
     media = decode_record(record, data) if media is None else media
-    text = processor.apply_chat_template(record.messages, tokenize=False)
+    text = processor.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=generation)
     try:
         out = processor(text=text, **processor_kwargs(data, media))
     except Exception as e:  # the processor's own checks (e.g. mismatched placeholders) end up here
@@ -104,18 +107,20 @@ def render(processor, record: Record, data: DataConfig, media: Decoded | None = 
     sample["attention_mask"] = sample["attention_mask"][0]
     fail = lambda reason: RecordError(record.file, record.line, reason)  # noqa: E731
     _check_counts(processor, ids, sample, fail)
-    if len(ids) > data.max_length:
-        raise fail(f"{len(ids)} tokens is over data.max_length={data.max_length} "
-                   "(raise data.max_length, shorten the record, or lower the media resolution/fps)")
-    sample["labels"] = assistant_labels(ids, processor.tokenizer, record.n_assistant, fail)
-    use_aiv = bool(data.use_audio_in_video and media.videos)
+    if generation:
+        sample["labels"] = torch.full_like(ids, IGNORE_INDEX)
+    else:
+        if len(ids) > data.max_length:
+            raise fail(f"{len(ids)} tokens is over data.max_length={data.max_length} "
+                       "(raise data.max_length, shorten the record, or lower the media resolution/fps)")
+        sample["labels"] = assistant_labels(ids, processor.tokenizer, record.n_assistant, fail)
     mods = {"text"}
     if media.images or media.videos:
         mods.add("vision")
     if media.audios:  # includes a video's own track when use_audio_in_video
         mods.add("audio")
     sample["modalities"] = sorted(mods)
-    sample["use_audio_in_video"] = use_aiv
+    sample["use_audio_in_video"] = bool(data.use_audio_in_video and media.videos)
     return sample
 
 
@@ -138,7 +143,7 @@ def assistant_labels(ids: torch.Tensor, tokenizer, n_assistant: int, fail) -> to
     """-100 everywhere but each assistant turn's content and its <|im_end|>; checks every turn was found."""
     header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    labels = torch.full_like(ids, IGNORE)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     seq = ids.tolist()
     h, found, i = len(header), 0, 0
     while i <= len(seq) - h:
@@ -162,7 +167,7 @@ def assistant_labels(ids: torch.Tensor, tokenizer, n_assistant: int, fail) -> to
 def render_segments(input_ids, labels, tokenizer) -> list[tuple[str, bool]]:
     """The rendered sample as (text, trained) pieces; runs of pad tokens collapse to `<|audio_pad|>x52`."""
     ids = [int(x) for x in input_ids]
-    trained = [int(x) != IGNORE for x in labels]
+    trained = [int(x) != IGNORE_INDEX for x in labels]
     pads = {tokenizer.convert_tokens_to_ids(t): t for t in PAD_TOKENS}
     out: list[tuple[str, bool]] = []
     i = 0
@@ -182,8 +187,3 @@ def render_segments(input_ids, labels, tokenizer) -> list[tuple[str, bool]]:
             out.append((piece, trained[i]))
         i = j
     return out
-
-
-def render_text(input_ids, labels, tokenizer, mark: tuple[str, str] = ("[[", "]]")) -> str:
-    """The rendered sample as plain text with each trained span wrapped in `mark`."""
-    return "".join(f"{mark[0]}{s}{mark[1]}" if t else s for s, t in render_segments(input_ids, labels, tokenizer))

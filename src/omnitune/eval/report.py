@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omnitune.eval.metrics import HIGHER_IS_BETTER
-
-if TYPE_CHECKING:
-    from omnitune.eval.runner import EvalReport
+from omnitune.eval.results import EvalReport
 
 EXAMPLES_IN_REPORT = 5
 
 
-def write_report(report: "EvalReport", metrics_file: Path | None = None) -> dict[str, Path]:
+def write_report(report: EvalReport, metrics_file: Path | None = None) -> dict[str, Path]:
     """Write every output into report.out_dir; returns name -> path."""
     out = Path(report.out_dir)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
@@ -28,7 +26,7 @@ def write_report(report: "EvalReport", metrics_file: Path | None = None) -> dict
     return files
 
 
-def predictions_json(report: "EvalReport") -> dict[str, Any]:
+def predictions_json(report: EvalReport) -> dict[str, Any]:
     by_key = {label: {tuple(s["key"]): s for s in res.samples} for label, res in report.results.items()}
     samples = []
     for row in report.records:
@@ -48,7 +46,7 @@ def predictions_json(report: "EvalReport") -> dict[str, Any]:
     }
 
 
-def scores_table(report: "EvalReport"):
+def scores_table(report: EvalReport):
     """The headline scores as a rich Table (one column per model, plus the change), for the terminal."""
     from rich.table import Table
 
@@ -65,7 +63,7 @@ def scores_table(report: "EvalReport"):
     return table
 
 
-def _headline(report: "EvalReport") -> list[str]:
+def _headline(report: EvalReport) -> list[str]:
     scores = next(iter(report.results.values())).scores
     return [k for k in scores if not k.endswith("samples") and k != "tokens"]
 
@@ -74,7 +72,7 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
-def markdown(report: "EvalReport", images: dict[str, str]) -> str:
+def markdown(report: EvalReport, images: dict[str, str]) -> str:
     labels = list(report.results)
     keys = _headline(report)
     lines = [f"# Evaluation: {report.task}", "",
@@ -148,7 +146,7 @@ def plot_training_curves(metrics_file: Path, png: Path) -> Path | None:
     return png
 
 
-def plot_scores(report: "EvalReport", png: Path) -> Path:
+def plot_scores(report: EvalReport, png: Path) -> Path:
     """One bar group per metric, one bar per model (base before tuned)."""
     plt = _pyplot()
     labels = list(report.results)

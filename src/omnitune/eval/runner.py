@@ -11,50 +11,29 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from omnitune.data.collate import OmniCollator, to_device
-from omnitune.data.render import IGNORE, render
+from omnitune.data.render import render
 from omnitune.data.schema import Record, RecordError, read_records
 from omnitune.eval import metrics
+from omnitune.eval.results import EvalReport, ModelResult
 from omnitune.errors import OmnituneError
-from omnitune.infer import (Source, apply_weights, collate_prompts, encode_prompt, load_generation_processor,
-                            load_model, resolve_source, split_thinking)
+from omnitune.infer import collate_prompts, split_thinking
+from omnitune.model import parts
+from omnitune.model.source import Source, apply_weights, load_generation_processor, load_model, resolve_source
 from omnitune.recipe import DataConfig, Recipe
+from omnitune.tokens import IGNORE_INDEX, IM_END, pad_id
 from omnitune.train.loss import token_losses as per_token_ce
 
 
 class EvalError(OmnituneError, ValueError):
     """An evaluation that cannot run, with what to change."""
-
-
-@dataclass
-class ModelResult:
-    label: str  # 'base' or 'tuned' (or the source's name when nothing is compared)
-    scores: dict[str, float]
-    samples: list[dict[str, Any]]  # per record: prediction (or loss) and its scores, in eval-file order
-    seconds: float
-
-    @property
-    def samples_per_s(self) -> float:
-        return len(self.samples) / max(self.seconds, 1e-9)
-
-
-@dataclass
-class EvalReport:
-    task: str
-    eval_file: Path
-    source: str
-    records: list[dict[str, Any]]  # file, line, prompt text, reference of every scored record
-    results: dict[str, ModelResult]
-    bad: list[RecordError] = field(default_factory=list)  # every record left out, with file:line and reason
-    out_dir: Path | None = None
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 def reference_of(record: Record) -> str:
@@ -122,15 +101,15 @@ def generate_predictions(model: torch.nn.Module, processor, records: list[Record
 
     A record whose media cannot be decoded raises RecordError, or with a `bad` list is added to it and left out.
     """
-    thinker = getattr(model, "thinker", model)
+    thinker = parts.thinker_of(model)
     tok = processor.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else im_end
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    pad = pad_id(tok)
     device = next(thinker.parameters()).device
     out: list[tuple[Record, str]] = []
     with tqdm(total=len(records), unit="sample", desc=desc, dynamic_ncols=True) as bar:
         for chunk in _batches(records, batch_size):
-            encoded = _encode_all(chunk, lambda r: encode_prompt(processor, prompt_of(r), data), bad)
+            encoded = _encode_all(chunk, lambda r: render(processor, prompt_of(r), data, generation=True), bad)
             if encoded:
                 batch = to_device(collate_prompts([s for _, s in encoded], pad), device, thinker.dtype)
                 seqs = thinker.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=im_end,
@@ -148,9 +127,8 @@ def record_losses(model: torch.nn.Module, processor, records: list[Record], data
                  desc: str = "loss") -> list[tuple[Record, float, int]]:
     """(record, summed token CE over the assistant turns, trained tokens) per record, teacher-forced.
     Bad records: as in generate_predictions."""
-    thinker = getattr(model, "thinker", model)
-    tok = processor.tokenizer
-    collate = OmniCollator(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    thinker = parts.thinker_of(model)
+    collate = OmniCollator(pad_id(processor.tokenizer))
     device = next(thinker.parameters()).device
     out = []
     with tqdm(total=len(records), unit="sample", desc=desc, dynamic_ncols=True) as bar:
@@ -161,19 +139,11 @@ def record_losses(model: torch.nn.Module, processor, records: list[Record], data
                 labels = batch.pop("labels").to(device)
                 hidden = thinker.model(**to_device(batch, device, thinker.dtype), use_cache=False).last_hidden_state
                 ce = per_token_ce(hidden, thinker.lm_head, labels)  # chunked: no [B, L, V] logits
-                trained = labels[:, 1:] != IGNORE
+                trained = labels[:, 1:] != IGNORE_INDEX
                 for (rec, _), row_ce, row_mask in zip(encoded, ce, trained):
                     out.append((rec, float((row_ce * row_mask).sum()), int(row_mask.sum())))
             bar.update(len(chunk))
     return out
-
-
-def exact_match_accuracy(model: torch.nn.Module, processor, records: list[Record], data: DataConfig,
-                         batch_size: int = 8, max_new_tokens: int = 64) -> dict[str, float]:
-    """Greedy generation vs each record's final answer, SQuAD-normalised exact match: {'accuracy', 'samples'}."""
-    preds = generate_predictions(model, processor, records, data, batch_size, max_new_tokens, desc="exact match")
-    hits = [metrics.qa_sample(split_thinking(p)[1], reference_of(r))["exact_match"] for r, p in preds]
-    return {"accuracy": sum(hits) / max(len(hits), 1), "samples": float(len(hits))}
 
 
 def _score_model(label: str, task: str, model, processor, records: list[Record], data: DataConfig,

@@ -6,9 +6,6 @@
   the fast paths, on PEFT's own adapter tensors.
 - `fused_ops`: `enable_fused_norms(model)`: RMSNorm (and the experts' SwiGLU) as fused compiled kernels on CUDA.
 - `router`: `enable_fused_router(model)`: the MoE router's softmax -> top-k -> renormalise, one kernel each way.
-- `packing`: `pack_samples` builds padding-free packed rows (position_ids (4, 1, N), per-sample M-RoPE).
-- `checkpointing`: `selective_checkpoint_context()` keeps attention outputs through the checkpoint recompute;
-  `auto_uncheckpointed_layers` sizes how many layers skip checkpointing from a measured per-layer cost.
 - `loss`: chunked linear + cross-entropy returning per-token losses without holding [N, V] logits.
 """
 from .fused_ops import disable_fused_norms, disable_fused_rope, enable_fused_norms, enable_fused_rope
@@ -21,7 +18,6 @@ from .moe_experts import (
     register_experts_implementation,
 )
 
-register_experts_implementation("omnitune")
 
 
 def enable_fast_lora(model):

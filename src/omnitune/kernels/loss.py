@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .fused_ops import compiled_on_cuda
+from omnitune.tokens import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+from .fused_ops import compiled_on_cuda
 
 
 class _ChunkedLinearCE(torch.autograd.Function):

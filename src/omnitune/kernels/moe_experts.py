@@ -206,7 +206,7 @@ class _FrozenExpertsMM(torch.autograd.Function):
         ctx.experts, ctx.name, ctx.force_loop = experts, name, force_loop
         weight = expert_weight(experts, name)
         # torch.utils.checkpoint asks the same question (its own forward runs under such hooks); a hook that only
-        # measures (kernels/checkpointing.layer_activation_bytes) must see what an unhooked forward keeps
+        # measures (train/checkpointing.layer_activation_bytes) must see what an unhooked forward keeps
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         hooked = hooks is not None and not getattr(hooks[0], "omnitune_transparent", False)
         provided = getattr(experts, "omnitune_weight_provider", None) is not None

@@ -22,7 +22,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import ParamWrapper
 
-from .forward_swap import restore_forwards, swap_forwards, swapped
+from .forward_swap import restore_forwards, swap_forwards
 from .moe_experts import PROJECTIONS, ExpertLoRA, moe_experts_forward
 
 _FLAG = "_omnitune_fast_lora"
@@ -87,11 +87,6 @@ def enable_fast_expert_lora(model: torch.nn.Module) -> int:
 def disable_fast_expert_lora(model: torch.nn.Module) -> int:
     """Undo `enable_fast_expert_lora`: the wrappers run PEFT's own forward again; returns how many were restored."""
     return restore_forwards(_outermost_expert_wrappers(model), _FLAG)
-
-
-def fast_expert_lora_enabled(model: torch.nn.Module) -> bool:
-    """True when at least one experts wrapper of `model` runs the omnitune path."""
-    return any(swapped(w, _FLAG) for w in _outermost_expert_wrappers(model))
 
 
 # ------------------------------------------------------------------------------------------- LoRA on nn.Linear

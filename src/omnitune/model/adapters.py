@@ -1,60 +1,56 @@
-"""What to adapt and what to freeze on the Thinker: LoRA through PEFT, or full fine-tuning.
+"""What to adapt and what to freeze: LoRA through PEFT, or full fine-tuning, over the parts of model/parts.py.
 
 PEFT rewrites regex targets for qwen3_omni_moe into leaf names (so `q_proj` would also hit the audio tower), and
-`target_parameters` takes no regex: every target is therefore spelled out as a full module or parameter path.
+`target_parameters` takes no regex: every target is therefore spelled out as a full module or parameter path,
+expanded from the parts map (`adapter.targets`, `adapter.train`, `adapter.freeze` name parts).
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from omnitune.errors import OmnituneError
+from omnitune.model import parts
 from omnitune.recipe import AdapterConfig
-
-LM = "model.language_model"
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Component -> module-name prefixes, for freezing and for the trainable summary.
-COMPONENTS = {
-    "audio_projector": ("model.audio_tower.proj1", "model.audio_tower.proj2"),
-    "audio_tower": ("model.audio_tower",),
-    "vision_merger": ("model.visual.merger", "model.visual.merger_list"),
-    "vision_tower": ("model.visual",),
-    "llm": (LM, "lm_head"),
-}
 
 
 class AdapterError(OmnituneError, ValueError):
     """An adapter section that does not fit the model."""
 
 
-def _layers(model: nn.Module) -> list[int]:
-    return sorted({int(m.group(1)) for n, _ in model.named_modules()
-                   if (m := re.fullmatch(rf"{re.escape(LM)}\.layers\.(\d+)", n))})
+EXPERTS_HINT = (". Qwen3-Omni has 128 fused experts per layer, mlp.experts.gate_up_proj/down_proj: the part "
+                "'experts' targets them; use adapter.modules for other nn.Linear names")
 
 
-def _moe_layers(model: nn.Module) -> list[int]:
-    names = dict(model.named_parameters())
-    return [i for i in _layers(model) if f"{LM}.layers.{i}.mlp.experts.gate_up_proj" in names]
+def check_adapter_config(cfg: AdapterConfig, model_class: str) -> None:
+    """Every part the adapter section names exists in the model's map: checked before any weight is loaded."""
+    known = parts.parts_map(model_class).parts
+    for key in ("targets", "train", "freeze"):
+        for name in getattr(cfg, key):
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise AdapterError(
+                    f"adapter.{key}: {name!r} is not a part of {model_class}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "") + f" (parts: {', '.join(sorted(known))})"
+                    + (EXPERTS_HINT if "expert" in name else ""))
+    if cfg.method != "full" and "llm" in cfg.train:
+        raise AdapterError("adapter.train: training the whole language model beside LoRA is a full fine-tune: "
+                           "use adapter.method=full")
 
 
 def lora_targets(model: nn.Module, cfg: AdapterConfig) -> tuple[list[str], list[str]]:
-    """(target_modules, target_parameters) as full paths inside the Thinker."""
+    """(target_modules, target_parameters) as full paths inside the model, from the parts in `cfg.targets`."""
     modules: list[str] = []
     params: list[str] = []
-    if "attention" in cfg.targets:
-        modules += [f"{LM}.layers.{i}.self_attn.{p}" for i in _layers(model) for p in ATTENTION]
-    if "experts" in cfg.targets:
-        params += [f"{LM}.layers.{i}.mlp.experts.{p}" for i in _moe_layers(model)
-                   for p in ("gate_up_proj", "down_proj")]
-    if "router" in cfg.targets:
-        params += [f"{LM}.layers.{i}.mlp.gate.weight" for i in _moe_layers(model)]
-    modules += _expand_user_modules(model, cfg.modules)
-    return modules, params
+    for name in cfg.targets:
+        found = parts.target_parameters(model, name) or parts.target_linears(model, name)
+        if not found:
+            raise AdapterError(f"adapter.targets: part {name!r} has no LoRA-able weights in this model")
+        (params if parts.part(model, name).parameters else modules).extend(found)
+    return modules + _expand_user_modules(model, cfg.modules), params
 
 
 def _expand_user_modules(model: nn.Module, names: list[str]) -> list[str]:
@@ -64,89 +60,53 @@ def _expand_user_modules(model: nn.Module, names: list[str]) -> list[str]:
         hits = [n for n in linears if n == name or n.endswith("." + name)]
         if not hits:
             hint = difflib.get_close_matches(name, linears, n=3)
-            raise AdapterError(f"adapter.modules: '{name}' matches no nn.Linear in the Thinker"
+            raise AdapterError(f"adapter.modules: '{name}' matches no nn.Linear in the model"
                                + (f"; close: {', '.join(hint)}" if hint else
                                   " (names look like model.language_model.layers.0.self_attn.q_proj)"))
         out += hits
     return out
 
 
-def _unfrozen_towers(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Modules the recipe trains in full (LoRA: saved with the adapter via modules_to_save, which takes no
-    ModuleList, so lists are expanded into their entries)."""
+def full_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The modules of the parts in `names`, as PEFT's `modules_to_save` takes them (no ModuleList: a list is
+    given as its entries)."""
     out: list[str] = []
-    if not cfg.freeze_audio_tower:
-        out += ["model.audio_tower"]
-    elif not cfg.freeze_audio_projector:
-        out += list(COMPONENTS["audio_projector"])
-    if not cfg.freeze_vision_tower:
-        out += ["model.visual"]
-    elif not cfg.freeze_vision_merger:
-        out += list(COMPONENTS["vision_merger"])
-    modules = dict(model.named_modules())
-    expanded = []
-    for name in out:
-        if isinstance(modules.get(name), nn.ModuleList):
-            expanded += [f"{name}.{child}" for child, _ in modules[name].named_children()]
-        elif name in modules:
-            expanded.append(name)
-    return expanded
+    for name in names:
+        for path in parts.module_names(model, name):
+            found = model.get_submodule(path)
+            out += ([f"{path}.{child}" for child, _ in found.named_children()]
+                    if isinstance(found, nn.ModuleList) else [path])
+    return out
 
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Wrap the Thinker for training as the recipe says; returns a PeftModel (LoRA, QLoRA) or the model (full).
+    """Wrap the model for training as the recipe says; returns a PeftModel (LoRA, QLoRA) or the model (full).
     QLoRA's experts are quantized afterwards (model/qlora.py), on the device they will train on."""
+    check_adapter_config(cfg, type(model).__name__)
     if cfg.method == "full":
         return _apply_full(model, cfg)
     modules, params = lora_targets(model, cfg)
-    if not modules and not params:
-        raise AdapterError(f"adapter.targets {cfg.targets} matched nothing in this model")
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                           target_modules=modules or None, target_parameters=params or None,
-                          modules_to_save=_unfrozen_towers(model, cfg) or None)
+                          modules_to_save=full_modules(model, cfg.train) or None)
     return get_peft_model(model, peft_cfg)
 
 
 def _apply_full(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    frozen = [p for on, c in ((cfg.freeze_audio_tower, "audio_tower"), (cfg.freeze_vision_tower, "vision_tower"),
-                              (cfg.freeze_llm, "llm")) if on for p in COMPONENTS[c]]
-    thawed = _unfrozen_towers(model, cfg)  # a projector/merger may be trained inside a frozen tower
+    """Everything trains but the `freeze` parts; a `train` part inside a frozen one (a projector inside its
+    tower) trains all the same: the most specific part named decides."""
+    decider = parts.owners(model, [*cfg.freeze, *cfg.train])
     for name, p in model.named_parameters():
-        in_frozen = any(name.startswith(f + ".") for f in frozen)
-        in_thawed = any(name.startswith(t + ".") for t in thawed)
-        p.requires_grad_(not in_frozen or in_thawed)
+        part = decider(name)
+        p.requires_grad_(part == "other" or part in cfg.train)
     if not any(p.requires_grad for p in model.parameters()):
-        raise AdapterError("adapter.method=full with every component frozen: nothing to train")
+        raise AdapterError("adapter.method=full with every part frozen (adapter.freeze): nothing to train")
     return model
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False) -> PeftModel:
+    """A saved PEFT adapter on `model` (the one place adapters are loaded: training's resume aside)."""
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
-
-
-def component_of(name: str) -> str:
-    name = name.removeprefix("base_model.model.")
-    for comp, prefixes in COMPONENTS.items():
-        if any(name.startswith(p + ".") or name == p for p in prefixes) or any(
-                f".{p}." in name for p in prefixes):
-            return comp
-    return "other"
-
-
-def trainable_summary(model: nn.Module) -> list[tuple[str, int, int]]:
-    """(component, trainable params, total params) rows, for the table printed at the start of training."""
-    rows: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        comp = "lora" if "lora_" in name else component_of(name)
-        r = rows.setdefault(comp, [0, 0])
-        r[1] += p.numel()
-        if p.requires_grad:
-            r[0] += p.numel()
-    return [(c, t, n) for c, (t, n) in rows.items()]
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -154,10 +114,16 @@ def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
-@torch.no_grad()
-def randomize_lora(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Give lora_B non-zero values (PEFT inits it to zero) so tests can tell an adapter from none."""
-    g = torch.Generator().manual_seed(seed)
+def trainable_summary(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(component, trainable params, total params) rows, for the table printed at the start of training: LoRA
+    factors in a row of their own, every other parameter under the map's component part that holds it."""
+    component = parts.owners(model, [n for n, p in parts.parts_map(model).parts.items() if p.component])
+    prefix = parts.prefix_of(model)
+    rows: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+        comp = "lora" if "lora_" in name else component(name.removeprefix(prefix))
+        r = rows.setdefault(comp, [0, 0])
+        r[1] += p.numel()
+        if p.requires_grad:
+            r[0] += p.numel()
+    return [(c, t, n) for c, (t, n) in rows.items()]

@@ -15,7 +15,7 @@ from transformers import (AutoProcessor, Qwen3OmniMoeForConditionalGeneration,
                           Qwen3OmniMoeThinkerForConditionalGeneration)
 
 from omnitune.errors import OmnituneError
-from omnitune.data.template import chat_template
+from omnitune.model.template import chat_template
 from omnitune.recipe import ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -50,7 +50,9 @@ def _from_pretrained(cls, path: str, **kwargs):
 def model_kwargs(cfg: ModelConfig, device_map: str | dict | None = None) -> dict:
     """from_pretrained kwargs for `cfg`; `device_map` loads straight onto a device (no host copy of 30B)."""
     if cfg.experts == "omnitune":
-        import omnitune.kernels  # noqa: F401  (registers the "omnitune" experts implementation)
+        from omnitune.kernels import register_experts_implementation
+
+        register_experts_implementation("omnitune")
     if cfg.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelLoadError("model.attention=flash_attention_2 needs the flash-attn package; use sdpa or install it")
     kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attention, experts_implementation=cfg.experts)

@@ -7,13 +7,12 @@ experts path's weight-provider seam (kernels/moe_experts.py): the grouped GEMMs,
 CUDA-graph step are the same code as for LoRA. The backward dequantizes again, or under checkpointing reuses the
 recompute's stack (`_FrozenExpertsMM`); a dequantized stack never outlives its layer's backward.
 The adapter that comes out is an ordinary PEFT adapter of the bf16 model. Text generation (infer / eval) of a QLoRA
-run loads the Thinker the way it trained, NF4 experts + the adapter unmerged (`load_quantized_thinker`), so it fits
+run loads the Thinker the way it trained, NF4 experts + the adapter unmerged (model/source.py), so it fits
 where training fit; export (and speech output) merge it into the bf16 base.
 """
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
 from torch import nn
 
 from omnitune.kernels.moe_experts import PROJECTIONS
@@ -60,23 +59,3 @@ def quantize_experts(model: nn.Module, device: torch.device | str | None = None)
             param.data = torch.empty(0, dtype=param.dtype, device=weight.device)
         experts.omnitune_weight_provider = nf4_expert_weight
     return before, after
-
-
-def quantized_experts(model: nn.Module) -> int:
-    """How many experts modules of `model` run on NF4 weights."""
-    return sum(getattr(m, "omnitune_weight_provider", None) is nf4_expert_weight for m in model.modules())
-
-
-def load_quantized_thinker(model_cfg, adapter_dir: str | None, device: str) -> nn.Module:
-    """The Thinker as QLoRA trained it: loaded on the host, experts quantized onto `device` one module at a time,
-    the adapter (if any) applied unmerged through the fast LoRA paths (NF4 weights cannot take a merge)."""
-    from omnitune import kernels
-    from omnitune.model.load import load_thinker
-
-    model = load_thinker(model_cfg, device_map=None).requires_grad_(False)  # for generation: nothing trains
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    quantize_experts(model, device=device)
-    if adapter_dir is not None:
-        kernels.enable_fast_lora(model)
-    return model.to(device)

@@ -17,7 +17,7 @@ import torch
 from transformers import (AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3OmniMoeConfig,
                           Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeProcessor, WhisperFeatureExtractor)
 
-from omnitune.data.template import chat_template
+from omnitune.model.template import chat_template
 
 TOKEN_IDS = dict(im_start=151644, im_end=151645, audio_start=151669, audio_end=151670, tts_pad=151671,
                  tts_bos=151672, tts_eos=151673, audio=151675, vision_start=151652, vision_end=151653,

@@ -1,4 +1,4 @@
-"""The trainer's micro-step as a CUDA graph (kernels/cuda_graph.py) for the batches that allow one.
+"""The trainer's micro-step as a CUDA graph (train/cuda_graph.py) for the batches that allow one.
 
 Split: everything with host syncs or data-dependent shapes runs eagerly first (token embeddings, the audio tower
 and its merge, the M-RoPE positions, the attention mask, padding up to a bucket length); the decoder stack, the
@@ -25,9 +25,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.masking_utils import create_causal_mask
 
-from omnitune.kernels.cuda_graph import GraphCaptureError, GraphedGrads
+from omnitune.train.cuda_graph import GraphCaptureError, GraphedGrads
 from omnitune.kernels.loss import chunked_linear_cross_entropy
-from omnitune.train.loss import IGNORE, weighted_loss
+from omnitune.model import parts
+from omnitune.tokens import IGNORE_INDEX
+from omnitune.train.loss import weighted_loss
 
 VISION_KEYS = ("pixel_values", "pixel_values_videos")
 ALL_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -41,9 +43,9 @@ log = logging.getLogger("omnitune.graphed_step")
 
 def trained_rows(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, their labels): the flat positions of labels[:, 1:] that train, in order, then untrained ones up to
-    `size` rows (at least the trained count). Padding rows keep their IGNORE label, so they add nothing."""
+    `size` rows (at least the trained count). Padding rows keep their IGNORE_INDEX label, so they add nothing."""
     y = labels[:, 1:].reshape(-1)
-    rows = torch.sort((y == IGNORE).to(torch.uint8), stable=True).indices[:size]  # trained positions first
+    rows = torch.sort((y == IGNORE_INDEX).to(torch.uint8), stable=True).indices[:size]  # trained positions first
     return rows, y[rows]
 
 
@@ -72,27 +74,35 @@ class GraphedTrainStep:
     def __init__(self, thinker: torch.nn.Module, params: list[torch.nn.Parameter], bucket: int = 512,
                  max_graphs: int = 16):
         self.thinker = thinker
+        # resolved once: the parts map's lookups walk the module tree, too slow for every micro-step
+        self.backbone = parts.module(thinker, "backbone")
+        self.language_model = parts.stack_model(thinker, "text")
+        self.head = parts.module(thinker, "lm_head")
+        self.trains_before_decoder = any(p.requires_grad for name in ("embed_tokens", "audio_tower")
+                                         for p in parts.module(thinker, name).parameters())
         self.bucket = bucket
         self.graphs = GraphedGrads(self._loss, params, max_graphs=max_graphs)
         self.row_counts: dict[tuple[int, ...], int] = {}  # per padded batch shape: its one reduced head size
         self.sdpa_backends = ALL_SDPA_BACKENDS  # the attention kernels the last call allowed
 
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.thinker.model.language_model
-
-    def applies(self, inputs: dict, want_router: bool) -> bool:
-        head = self.thinker.lm_head
-        return (torch.cuda.is_available() and inputs["input_ids"].is_cuda and not want_router
-                and not any(inputs.get(k) is not None for k in VISION_KEYS)
-                and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-                and not self.thinker.get_input_embeddings().weight.requires_grad
-                and not any(p.requires_grad for p in self.thinker.model.audio_tower.parameters()))
+    def eager_reason(self, inputs: dict) -> str | None:
+        """Why this batch cannot replay the graph (None: it can). The plan rules out what the recipe decides
+        (train/plan.py); what remains depends on the batch, or on weights a recipe's extra modules adapted."""
+        head = self.head
+        if not (torch.cuda.is_available() and inputs["input_ids"].is_cuda):
+            return "the batch is not on a CUDA device"
+        if any(inputs.get(k) is not None for k in VISION_KEYS):
+            return "the batch has images or video"
+        if not (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad):
+            return "the head is adapted or trains"
+        if self.trains_before_decoder:
+            return "weights before the decoder train (embeddings or audio tower)"
+        return None
 
     def _loss(self, embeds, position_ids, labels, weights, num_items, rows, row_labels, mask=None):
         hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                      use_cache=False).last_hidden_state
-        losses = static_token_losses(hidden, self.thinker.lm_head.weight, labels, rows, row_labels)
+        losses = static_token_losses(hidden, self.head.weight, labels, rows, row_labels)
         return weighted_loss(losses, labels, weights if weights.numel() else None, num_items)
 
     def head_rows(self, shape: tuple[int, ...], count: int) -> int:
@@ -107,7 +117,7 @@ class GraphedTrainStep:
     @torch.no_grad()
     def _embed(self, inputs: dict) -> torch.Tensor:
         """Token embeddings with the audio tower's features merged in, as the Thinker's own forward does."""
-        model = self.thinker.model
+        model = self.backbone
         ids = inputs["input_ids"]
         embeds = model.get_input_embeddings()(ids)
         if inputs.get("input_features") is not None:
@@ -145,7 +155,7 @@ class GraphedTrainStep:
         """The eager prefix: the graph's tensor inputs for this batch, padded to the bucket length."""
         ids, labels = inputs["input_ids"], inputs["labels"]
         attention_mask = inputs.get("attention_mask")
-        model = self.thinker.model
+        model = self.backbone
         if position_ids is None and attention_mask is None:
             position_ids = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape)
         if position_ids is None:
@@ -156,13 +166,13 @@ class GraphedTrainStep:
                 audio_feature_lengths=None if fmask is None else fmask.sum(1), video_second_per_grid=None)
         length = -(-ids.shape[1] // self.bucket) * self.bucket
         embeds = pad_to_bucket(self._embed(inputs), length, 0.0, dim=1)
-        labels = pad_to_bucket(labels, length, IGNORE)
+        labels = pad_to_bucket(labels, length, IGNORE_INDEX)
         # Padding at the end of a row is invisible to that row's real tokens under causal attention, so it needs
         # no mask of its own: a right-padded batch (our collator's) runs as plain causal attention, the path the
         # bench measures, and a packed row's tail continues its last sample's positions (no extra sample).
         # The trained positions' count sizes the head's input (`trained_rows`): read back here, with the
         # right-padding test when there is a mask (one read-back for both).
-        trained = (labels[:, 1:] != IGNORE).sum()
+        trained = (labels[:, 1:] != IGNORE_INDEX).sum()
         if attention_mask is None:
             step = torch.arange(1, length - ids.shape[1] + 1, device=ids.device, dtype=position_ids.dtype)
             position_ids = torch.cat([position_ids, position_ids[..., -1:] + step], dim=-1)

@@ -16,23 +16,28 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omnitune.kernels.loss import chunked_linear_cross_entropy
-
-IGNORE = -100
+from omnitune.tokens import IGNORE_INDEX
 
 
 def _chunk_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def token_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 2048,
+                 fused: bool = True) -> torch.Tensor:
     """Per-token CE of next-token prediction: hidden [B, L, H], labels [B, L] -> losses [B, L-1] (0 where masked).
 
     A plain nn.Linear head goes through the fused chunked kernel (kernels/loss.py: one pass over the vocabulary
-    when the head is frozen); an adapted head (LoRA, modules_to_save) runs as a module, chunk by chunk."""
+    when the head is frozen); an adapted head (LoRA, modules_to_save) runs as a module, chunk by chunk. `fused`
+    False: the plain path, full fp32 logits over every position, as transformers' own loss computes them."""
+    if not fused:
+        logits = head(hidden[:, :-1]).float()
+        y = labels[:, 1:].to(logits.device)
+        return F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
-    keep = (y != IGNORE).nonzero(as_tuple=True)[0]  # only trained positions reach the vocab projection
+    keep = (y != IGNORE_INDEX).nonzero(as_tuple=True)[0]  # only trained positions reach the vocab projection
     out = torch.zeros(y.shape, dtype=torch.float32, device=h.device)
     if keep.numel():
         hk, yk = h.index_select(0, keep), y.index_select(0, keep)
@@ -53,7 +58,7 @@ def trained_logits(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) 
     """fp32 logits at the trained next-token positions only: (logits [n, V], targets [n], row of each [n]).
     For scoring (argmax, CE) without [B, L, V] logits."""
     y = labels[:, 1:].to(hidden.device)
-    rows, cols = (y != IGNORE).nonzero(as_tuple=True)
+    rows, cols = (y != IGNORE_INDEX).nonzero(as_tuple=True)
     return head(hidden[:, :-1][rows, cols]).float(), y[rows, cols], rows
 
 
@@ -66,5 +71,5 @@ def weighted_loss(losses: torch.Tensor, labels: torch.Tensor, sample_weight: tor
     if sample_weight is not None:
         w = sample_weight.to(losses)
         losses = losses * (w[:, None] if w.dim() == 1 else w[:, 1:])  # the weight of the predicted token's sample
-    n = num_items if num_items is not None else (labels[:, 1:] != IGNORE).sum()
+    n = num_items if num_items is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
     return losses.sum() / torch.as_tensor(n, device=losses.device).clamp(min=1)

@@ -1,4 +1,4 @@
-"""`omnitune train`: recipe -> data -> model -> trainer -> run directory."""
+"""`omnitune train`: recipe -> plan -> data -> model -> trainer -> run directory."""
 
 from __future__ import annotations
 
@@ -16,12 +16,17 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from omnitune.model.adapters import apply_adapters, trainable_summary
+from omnitune.model import parts
+from omnitune.model.adapters import check_adapter_config, trainable_summary
+from omnitune.model.build import build_for_training
 from omnitune.model.load import load_processor, load_thinker
-from omnitune.model.qlora import quantize_experts
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
-from omnitune.train.trainer import KeepActivations, MetricsLog, OmniTrainer
+from omnitune.tokens import pad_id
+from omnitune.train.callbacks import KeepActivations, MetricsLog
+from omnitune.train.objectives import ThinkerLM
+from omnitune.train.plan import TrainingPlan, make_plan
+from omnitune.train.trainer import OmniTrainer
 
 
 @dataclass
@@ -30,6 +35,7 @@ class TrainResult:
     global_step: int
     train_loss: float | None
     eval_loss: float | None
+    plan: TrainingPlan | None = None
 
 
 def absolute_recipe(recipe: Recipe) -> Recipe:
@@ -47,39 +53,15 @@ def absolute_recipe(recipe: Recipe) -> Recipe:
 
 def router_aux_coef(recipe: Recipe, thinker: torch.nn.Module) -> float:
     """The balance-loss coefficient, used only when router weights train (LoRA on router, or full FT of the LLM)."""
-    trains_router = ("router" in recipe.adapter.targets if recipe.adapter.method != "full"
-                     else not recipe.adapter.freeze_llm)
-    if not trains_router:
+    if not make_plan(recipe).router_trains:
         return 0.0
     coef = recipe.train.router_aux_coef
-    return float(coef if coef is not None else thinker.config.text_config.router_aux_loss_coef)
+    return float(coef if coef is not None else parts.thinker_of(thinker).config.text_config.router_aux_loss_coef)
 
 
-def world_size() -> int:
-    """Processes in this launch (torchrun sets WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def uses_cuda_graphs(recipe: Recipe) -> bool:
-    """CUDA graphs need a step without RNG state to restore and without an fp16 grad scaler (train/graphed_step.py),
-    and one process: DDP's gradient all-reduce is driven from the host during the backward."""
-    t = recipe.train
-    return (t.cuda_graphs and torch.cuda.is_available() and t.precision != "fp16" and world_size() == 1
-            and (recipe.adapter.method == "full" or recipe.adapter.dropout == 0))
-
-
-def checkpoint_kwargs(recipe: Recipe) -> dict:
-    # a graph capture cannot save/restore the CUDA RNG state; with no dropout there is nothing to restore
-    return {"use_reentrant": False, "preserve_rng_state": not uses_cuda_graphs(recipe)}
-
-
-def trains_a_tower(recipe: Recipe) -> bool:
-    """Whether an audio/vision component trains, which only some batches (those with that modality) reach."""
-    a = recipe.adapter
-    return not (a.freeze_audio_tower and a.freeze_audio_projector and a.freeze_vision_tower and a.freeze_vision_merger)
-
-
-def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingArguments:
+def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: TrainingPlan | None = None
+                       ) -> TrainingArguments:
+    plan = plan or make_plan(recipe)
     t = recipe.train
     eval_steps = t.eval_steps or t.save_steps
     report = ["wandb"] if recipe.log.wandb else []
@@ -88,23 +70,25 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool) -> TrainingA
         if importlib.util.find_spec("wandb") is None:
             raise RecipeError("log.wandb=true needs the wandb package: pip install 'omnitune[wandb]'")
         os.environ.setdefault("WANDB_PROJECT", recipe.log.wandb_project)
+    ckpt_kwargs = {"use_reentrant": False, "preserve_rng_state": plan.preserve_rng_state}
     return TrainingArguments(
         output_dir=str(run.checkpoints), run_name=recipe.name, seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-        # selective checkpointing is switched on by enable_checkpointing (its context_fn is not serialisable)
-        activation_checkpointing=t.gradient_checkpointing and t.checkpoint_policy == "full",
-        activation_checkpointing_kwargs=checkpoint_kwargs(recipe) if t.gradient_checkpointing else None,
+        bf16=plan.precision == "bf16", fp16=plan.precision == "fp16",
+        # selective checkpointing is switched on by enable_selective_checkpointing (its context_fn is not
+        # serialisable)
+        activation_checkpointing=plan.gradient_checkpointing and plan.checkpoint_policy == "full",
+        activation_checkpointing_kwargs=ckpt_kwargs if plan.gradient_checkpointing else None,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
-        disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False, use_cpu=plan.hardware.device == "cpu",
         # DDP: towers trained in full (modules_to_save) get no gradient from batches without their modality
-        ddp_find_unused_parameters=trains_a_tower(recipe) if world_size() > 1 else None,
+        ddp_find_unused_parameters=plan.unused_parameters if plan.world_size > 1 else None,
     )
 
 
@@ -120,40 +104,15 @@ def print_summary(model: torch.nn.Module, console: Console) -> None:
     console.print(table)
 
 
-def micro_batch_tokens(recipe: Recipe) -> int:
-    """The most tokens one micro-batch can hold (padded or packed), rounded up to the CUDA-graph bucket."""
-    tokens = recipe.train.batch_size * recipe.data.max_length
-    if uses_cuda_graphs(recipe):
-        tokens = -(-tokens // recipe.train.graph_bucket) * recipe.train.graph_bucket
-    return tokens
-
-
-def enable_selective_checkpointing(model: torch.nn.Module, recipe: Recipe) -> None:
-    """Per-layer checkpointing whose recompute reuses the saved attention outputs (kernels/checkpointing.py)."""
-    t = recipe.train
-    if not (t.gradient_checkpointing and t.checkpoint_policy == "selective"):
+def enable_selective_checkpointing(model: torch.nn.Module, plan: TrainingPlan) -> None:
+    """Per-layer checkpointing whose recompute reuses the saved attention outputs (train/checkpointing.py)."""
+    if not (plan.gradient_checkpointing and plan.checkpoint_policy == "selective"):
         return
-    from omnitune.kernels.checkpointing import selective_checkpoint_context
+    from omnitune.train.checkpointing import selective_checkpoint_context
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={**checkpoint_kwargs(recipe), "context_fn": selective_checkpoint_context()})
-
-
-def enable_fast_paths(model: torch.nn.Module, recipe: Recipe, console: Console) -> None:
-    """With `model.experts: omnitune`: expert and linear LoRA through the fused paths (kernels/), reading PEFT's own
-    adapter tensors; on CUDA also the compiled RMSNorm/SwiGLU/RoPE and the fused router top-k."""
-    if recipe.model.experts != "omnitune":
-        return
-    from omnitune import kernels
-
-    if recipe.adapter.method != "full":
-        counts = kernels.enable_fast_lora(model)
-        console.print(f"fast LoRA paths: {counts}")
-    if torch.cuda.is_available():
-        kernels.enable_fused_norms(model)
-        kernels.enable_fused_rope()
-        kernels.enable_fused_router(model)
+    parts.unwrap(model).activation_checkpointing_enable(activation_checkpointing_kwargs={
+        "use_reentrant": False, "preserve_rng_state": plan.preserve_rng_state,
+        "context_fn": selective_checkpoint_context()})
 
 
 # Sections a resumed run may change: how long and how it trains and logs, not what it trains on or adapts.
@@ -174,17 +133,20 @@ def check_same_run(run: RunDir, recipe: Recipe) -> None:
                           "resume with the same model, data and adapter, or train into a new output_dir")
 
 
-def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> TrainResult:
-    """Train as the recipe says; with `resume`, continue from the newest checkpoint of the same run."""
+def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
+          thinker: torch.nn.Module | None = None) -> TrainResult:
+    """Train as the recipe says; with `resume`, continue from the newest checkpoint of the same run.
+
+    `thinker`: a model already built (bench/bench_train.py passes random weights at the real widths, which no
+    checkpoint on disk holds); everything else, from the plan to the optimizer, is what `omnitune train` runs."""
     from omnitune.data.cache import load_or_prepare
     from omnitune.data.collate import OmniCollator
 
-    if world_size() > 1 and recipe.distributed.strategy != "ddp":
-        raise RecipeError(f"launched as {world_size()} processes (torchrun / accelerate launch): set "
-                          "distributed.strategy=ddp to train data parallel, or launch one process")
+    plan = make_plan(recipe)
+    check_adapter_config(recipe.adapter, "Qwen3OmniMoeThinkerForConditionalGeneration")
     # joins the process group under torchrun (a no-op for one process); cpu= as the Trainer will ask for it, or
     # accelerate takes a CPU launch for a single process and every process believes it is the main one
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=plan.hardware.device == "cpu")
     console = console or Console()
     if not state.is_main_process:
         console = Console(quiet=True)  # one process reports
@@ -200,40 +162,34 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         check_same_run(run, recipe)
     if state.is_main_process:
         run.save_recipe(recipe)
+    console.print("[bold]plan[/bold]\n  " + "\n  ".join(plan.lines()), highlight=False)
 
     with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
         processor = load_processor(recipe.model)
         train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
     set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run (every process)
-    qlora = recipe.adapter.method == "qlora"
-    gpu = torch.cuda.is_available()
-    device = f"cuda:{state.local_process_index}" if gpu else "cpu"
-    # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
-    # (~54 GiB for the real Thinker) never have to fit on the card
-    thinker = load_thinker(recipe.model, device_map={"": device} if gpu and not qlora else None)
-    model = apply_adapters(thinker, recipe.adapter)
-    if qlora:
-        before, after = quantize_experts(model, device=device if gpu else None)
-        model.to(device)
-        console.print(f"QLoRA: expert weights in 4-bit NF4, {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
-    enable_fast_paths(model, recipe, console)
-    enable_selective_checkpointing(model, recipe)
+    if thinker is None:
+        # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
+        # (~54 GiB for the real Thinker) never have to fit on the card
+        on_device = plan.hardware.device == "cuda" and recipe.adapter.method != "qlora"
+        thinker = load_thinker(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
+    model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
+                               report=console.print)
+    enable_selective_checkpointing(model, plan)
     print_summary(model, console)
 
-    args = training_arguments(recipe, run, has_eval=eval_ds is not None)
+    args = training_arguments(recipe, run, has_eval=eval_ds is not None, plan=plan)
     callbacks = [MetricsLog(run.metrics)]
-    if recipe.train.gradient_checkpointing and recipe.train.uncheckpointed_layers:
-        callbacks.append(KeepActivations(recipe.train.uncheckpointed_layers, micro_batch_tokens(recipe),
-                                         report=console.print))
+    if plan.gradient_checkpointing and plan.uncheckpointed_layers:
+        callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print))
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
+    objective = ThinkerLM(router_aux_coef(recipe, thinker), chunked=plan.loss == "chunked")
     trainer = OmniTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=OmniCollator(processor.tokenizer.pad_token_id, recipe.train.loss_weights,
-                                   packing=recipe.data.packing),
-        callbacks=callbacks, router_aux_coef=router_aux_coef(recipe, thinker),
-        graph_bucket=recipe.train.graph_bucket if uses_cuda_graphs(recipe) else None)
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, objective=objective, plan=plan,
+        data_collator=OmniCollator(pad_id(processor.tokenizer), recipe.train.loss_weights, packing=plan.packing),
+        callbacks=callbacks)
     try:
         out = trainer.train(resume_from_checkpoint=last if resume else None)
     except KeyboardInterrupt:
@@ -250,7 +206,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     state.wait_for_everyone()
     console.print(f"[green]done[/]: {out.global_step} steps, train loss {out.training_loss:.4f}"
                   + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "") + f" -> {run.root}")
-    return TrainResult(run, out.global_step, out.training_loss, eval_loss)
+    return TrainResult(run, out.global_step, out.training_loss, eval_loss, plan)
 
 
 def save_final(model: torch.nn.Module, processor, run: RunDir, full: bool) -> None:

@@ -2,10 +2,11 @@
 import pytest
 import torch
 from peft import get_peft_model
-from test_kernels_peft import assert_same, batch, lora_config, loss_logits_grads, tiny_thinker
+from model_helpers import assert_same, batch, lora_config, loss_logits_grads, tiny_thinker
 
 from omnitune.kernels import enable_fast_lora
-from omnitune.kernels.checkpointing import decoder_layers, keep_activations, selective_checkpoint_context
+from omnitune.model.parts import decoder_layers
+from omnitune.train.checkpointing import keep_activations, selective_checkpoint_context
 
 
 @pytest.mark.parametrize("save_matmuls", [False, True])
@@ -42,7 +43,9 @@ def _train_one_checkpointed_step(tmp_path, keep):
     from transformers import TrainingArguments
 
     from omnitune.data.collate import OmniCollator
-    from omnitune.train.trainer import KeepActivations, OmniTrainer
+    from omnitune.train.callbacks import KeepActivations
+    from omnitune.train.objectives import ThinkerLM
+    from omnitune.train.trainer import OmniTrainer
 
     model = get_peft_model(tiny_thinker("omnitune"), lora_config())
     samples = [dict(input_ids=i, labels=i.clone(), attention_mask=torch.ones_like(i), modalities=["text"])
@@ -52,6 +55,7 @@ def _train_one_checkpointed_step(tmp_path, keep):
                              activation_checkpointing=True,
                              activation_checkpointing_kwargs={"use_reentrant": False})
     trainer = OmniTrainer(model=model, args=args, train_dataset=samples, callbacks=[KeepActivations(keep, 24)],
+                          objective=ThinkerLM(),
                           data_collator=OmniCollator(0, {"text": 1.0, "audio": 1.0, "vision": 1.0}))
     trainer.train()
     return model
@@ -66,7 +70,7 @@ def test_the_trainer_takes_checkpointing_off_the_last_layers_after_switching_it_
 def _saved_bytes_of_a_forward(model, ids):
     """Storages autograd keeps over one whole forward (parameters, the last layer's input and the rotary tables
     left out, as layer_activation_bytes does), tallied from outside the layers."""
-    from omnitune.kernels.checkpointing import saved_tensor_bytes
+    from omnitune.train.checkpointing import saved_tensor_bytes
 
     held = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -85,7 +89,7 @@ def test_measuring_saved_tensors_leaves_nothing_alive():
     measured layer's graph (and the adapters' AccumulateGrad nodes) alive and broke the next CUDA-graph capture."""
     import weakref
 
-    from omnitune.kernels.checkpointing import saved_tensor_bytes
+    from omnitune.train.checkpointing import saved_tensor_bytes
 
     x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
     out = []
@@ -102,7 +106,7 @@ def test_measuring_saved_tensors_leaves_nothing_alive():
 def test_layer_activation_bytes_is_what_an_unchecked_last_layer_adds_to_a_checkpointed_forward(qlora):
     """Measured from outside: the forward with the last layer kept minus the fully checkpointed one. With NF4
     experts too: the dequantized stack, which only checkpointing's hooks make the experts save, is not counted."""
-    from omnitune.kernels.checkpointing import layer_activation_bytes
+    from omnitune.train.checkpointing import layer_activation_bytes
     from omnitune.model.qlora import quantize_experts
 
     model = get_peft_model(tiny_thinker("omnitune"), lora_config())
@@ -124,7 +128,7 @@ def test_layer_activation_bytes_is_what_an_unchecked_last_layer_adds_to_a_checkp
 
 
 def test_auto_keeps_as_many_layers_as_the_headroom_holds():
-    from omnitune.kernels.checkpointing import auto_uncheckpointed_layers
+    from omnitune.train.checkpointing import auto_uncheckpointed_layers
 
     model = get_peft_model(tiny_thinker("omnitune"), lora_config())
     enable_fast_lora(model)

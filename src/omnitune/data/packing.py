@@ -6,8 +6,9 @@ the text positions (0..L_i-1 per sample), rows 1-3 the M-RoPE t/h/w positions (t
 `attention_mask`: transformers then finds the sample boundaries in row 0 (a position that does not follow its
 predecessor starts a new sample) and masks attention block-causally per sample (`find_packed_sequence_indices`),
 for sdpa, eager and flex attention alike. That detection runs only without a KV cache: pass `use_cache=False`
-(training does; in eval the default cache silently turns the packed row into ONE sequence, checked on 5.23). The first label of every sample after the first is set to -100, so the
-shifted loss never trains the last token of one sample to predict the first of the next.
+(training does; in eval the default cache silently turns the packed row into ONE sequence, checked on 5.23).
+The first label of every sample after the first is set to -100, so the shifted loss never trains the last token of
+one sample to predict the first of the next.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from omnitune.tokens import IGNORE_INDEX
 
 
 def pack_samples(samples: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
@@ -47,9 +48,3 @@ def pack_samples(samples: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> d
         "position_ids": torch.cat(positions, dim=1)[:, None, :],  # (4, 1, N)
         "seq_lengths": torch.tensor(lengths),
     }
-
-
-def unpack_per_sample(values: torch.Tensor, seq_lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Split a packed [1, N, ...] (or [N, ...]) tensor back into the samples' own pieces."""
-    flat = values[0] if values.dim() > 1 and values.shape[0] == 1 else values
-    return list(torch.split(flat, seq_lengths.tolist(), dim=0))

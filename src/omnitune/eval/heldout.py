@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from omnitune.data.collate import to_device
+from omnitune.model import parts
 from omnitune.train.loss import trained_logits
-from omnitune.train.trainer import thinker_of
 
 
 @torch.no_grad()
 def heldout_scores(model: torch.nn.Module, dataset, collator, batch_size: int = 8) -> dict[str, float]:
     """{'loss': mean token CE, 'accuracy': greedy exact-match rate, 'samples': n} over `dataset`."""
-    thinker = thinker_of(model)
+    thinker = parts.thinker_of(model)
     device = next(thinker.parameters()).device
     was_training = thinker.training
     thinker.eval()

@@ -1,8 +1,8 @@
 """A packed row of samples gives each sample exactly the logits it gets alone."""
 import torch
-from test_kernels_peft import tiny_thinker
+from model_helpers import tiny_thinker
 
-from omnitune.kernels.packing import pack_samples, unpack_per_sample
+from omnitune.data.packing import pack_samples
 
 
 def samples(lengths):
@@ -17,7 +17,7 @@ def test_packed_logits_equal_each_sample_run_alone():
     assert packed["position_ids"].shape == (4, 1, 24)
     with torch.no_grad():
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
-        for piece, s in zip(unpack_per_sample(logits, packed["seq_lengths"]), batch):
+        for piece, s in zip(torch.split(logits[0], packed["seq_lengths"].tolist()), batch):
             ids = s["input_ids"][None]
             alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
             assert torch.allclose(piece, alone, atol=1e-9)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from omnitune.model import parts
+
 _aten = torch.ops.aten
 ATTENTION_OPS = tuple(
     getattr(_aten, name)
@@ -55,24 +57,18 @@ def selective_checkpoint_context(save_matmuls: bool = False):
     return functools.partial(create_selective_checkpoint_contexts, thinker_policy(save_matmuls))
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The Thinker's language-model decoder layers (under a PEFT wrapper too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.language_model.layers
-
-
-def keep_activations(model: torch.nn.Module, layers: int) -> int:
+def keep_activations(model: torch.nn.Module, layers: int, stack: str = "text") -> int:
     """Run the last `layers` decoder layers without checkpointing (call after checkpointing was enabled, which sets
     it on every layer): they keep their activations for the backward instead of recomputing them. The last ones:
     the backward reaches them first, so their memory is freed before the others' recomputes run. Returns how
     many layers stay checkpointed."""
-    stack = decoder_layers(model)
+    layer_list = parts.decoder_layers(model, stack)
     if layers < 0:
         raise ValueError(f"layers to keep must be >= 0, got {layers}")
-    for i, layer in enumerate(stack):
-        if i >= len(stack) - layers:
+    for i, layer in enumerate(layer_list):
+        if i >= len(layer_list) - layers:
             layer.gradient_checkpointing = False
-    return sum(bool(layer.gradient_checkpointing) for layer in stack)
+    return sum(bool(layer.gradient_checkpointing) for layer in layer_list)
 
 
 def saved_tensor_bytes(fn: Callable[[], object], exclude: set[int] = frozenset()) -> int:
@@ -99,15 +95,14 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: set[int] = frozenset()
     return sum(kept.values())
 
 
-def layer_activation_bytes(model: torch.nn.Module, tokens: int) -> int:
+def layer_activation_bytes(model: torch.nn.Module, tokens: int, stack: str = "text") -> int:
     """Bytes the last decoder layer keeps for its backward at `tokens` tokens when it is not checkpointed.
 
     Measured, not modelled: the real layer (adapters, fast paths, attention kernel of this device) runs once on
     random input under `saved_tensor_bytes`. Parameters, the layer's input and the shared rotary tables are left
     out: they are held whether the layer is checkpointed or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text_model = base.model.language_model
-    layer = decoder_layers(model)[-1]
+    text_model = parts.stack_model(model, stack)
+    layer = parts.decoder_layers(model, stack)[-1]
     weight = text_model.embed_tokens.weight
     hidden = torch.randn(1, tokens, weight.shape[-1], device=weight.device, dtype=weight.dtype, requires_grad=True)
     position_ids = torch.arange(tokens, device=weight.device).view(1, 1, -1).expand(3, 1, -1)
@@ -136,15 +131,17 @@ STEP_RESERVE_BYTES = 1 << 30  # the loss chunk's logits and other workspace of o
 MEMORY_MARGIN = 0.05  # of the card, left free against fragmentation and what the estimate misses
 
 
-def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes: int, replicas: int = 1) -> int:
+def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes: int, replicas: int = 1,
+                            stack: str = "text") -> int:
     """Free GPU memory a fully checkpointed step leaves over: the card less what is allocated now, the trainable
     parameters' gradients and AdamW states (3 copies; one more per DDP gradient bucket copy, `replicas` > 1), the
-    checkpoint boundaries (one [tokens, hidden] per layer), one layer's recompute (x2 for its backward) and a reserve."""
+    checkpoint boundaries (one [tokens, hidden] per layer), one layer's recompute (x2 for its backward) and a
+    reserve."""
     device = next(model.parameters()).device
     total = torch.cuda.get_device_properties(device).total_memory
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    layers = decoder_layers(model)
-    hidden = model.get_input_embeddings().weight
+    layers = parts.decoder_layers(model, stack)
+    hidden = parts.stack_model(model, stack).get_input_embeddings().weight
     boundaries = len(layers) * tokens * hidden.shape[-1] * hidden.element_size()
     needed = (torch.cuda.memory_allocated(device) + trainable * (3 + (replicas > 1)) + boundaries
               + 2 * per_layer_bytes + STEP_RESERVE_BYTES)
@@ -152,11 +149,11 @@ def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes
 
 
 def auto_uncheckpointed_layers(model: torch.nn.Module, tokens: int, headroom_bytes: int | None = None,
-                               replicas: int = 1) -> KeepPlan:
+                               replicas: int = 1, stack: str = "text") -> KeepPlan:
     """How many of the last decoder layers can keep their activations at `tokens` tokens per micro-batch: as many
     as the headroom holds (`training_headroom_bytes` on CUDA; pass `headroom_bytes` to decide for other memory)."""
-    per_layer = layer_activation_bytes(model, tokens)
+    per_layer = layer_activation_bytes(model, tokens, stack)
     if headroom_bytes is None:
-        headroom_bytes = training_headroom_bytes(model, tokens, per_layer, replicas)
+        headroom_bytes = training_headroom_bytes(model, tokens, per_layer, replicas, stack)
     fit = max(0, headroom_bytes) // max(per_layer, 1)
-    return KeepPlan(min(len(decoder_layers(model)), int(fit)), per_layer, headroom_bytes)
+    return KeepPlan(min(len(parts.decoder_layers(model, stack)), int(fit)), per_layer, headroom_bytes)

@@ -1,0 +1,57 @@
+"""Trainer callbacks: the run's metrics file, and activation keeping decided when training starts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from transformers import TrainerCallback
+
+from omnitune.model import parts
+from omnitune.train.checkpointing import auto_uncheckpointed_layers, keep_activations
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every log (loss, lr, eval_loss, ...) to RUN/metrics.jsonl, the run's curve for eval plots."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume, drop entries past the checkpoint so the file is one clean curve.
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+class KeepActivations(TrainerCallback):
+    """Takes checkpointing off the last `layers` decoder layers once the Trainer has switched it on for all of them
+    (it does so inside train(), before on_train_begin). "auto": as many as the GPU's memory holds at `tokens`
+    tokens per micro-batch (train/checkpointing.auto_uncheckpointed_layers); none on CPU."""
+
+    def __init__(self, layers: int | Literal["auto"], tokens: int, report: Callable[[str], object] = print):
+        self.layers, self.tokens, self.report = layers, tokens, report
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        stack = parts.decoder_layers(model)
+        if not any(getattr(layer, "gradient_checkpointing", False) for layer in stack):
+            return
+        layers = self.layers
+        if layers == "auto":
+            if next(model.parameters()).device.type != "cuda":
+                return
+            plan = auto_uncheckpointed_layers(model, self.tokens, replicas=args.world_size)
+            layers = plan.layers
+            self.report(f"activations: the last {layers} of {len(stack)} layers skip checkpointing "
+                        f"({plan.per_layer_bytes / 2**30:.2f} GiB each at {self.tokens} tokens, "
+                        f"{plan.headroom_bytes / 2**30:.1f} GiB free for them)")
+        keep_activations(model, layers)

@@ -1,0 +1,121 @@
+"""Training objectives: what a micro-batch's loss is. The trainer's loop, logging and checkpointing never know which.
+
+An objective has three duties:
+- `count(batch)`: how many items this micro-batch's loss sums over (trained tokens, speech frames, ...). The
+  trainer adds the counts of an optimizer step's micro-batches (and across processes) into `num_items`, so that
+  gradient accumulation gives the same update as one big batch.
+- `loss(model, batch, num_items, micro_steps)`: the scalar to backpropagate, normalised by `num_items` (or by the
+  batch's own count when None, as in evaluation).
+- `graphed_step(model, params, bucket)`: the micro-step as a replayable CUDA graph, or None where the objective
+  has none (the trainer then runs it eagerly).
+
+`ThinkerLM` (the Thinker's next-token loss) is the one objective today; the Talker's codec objective is added next
+to it without touching the trainer.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
+
+from omnitune.model import parts
+from omnitune.tokens import IGNORE_INDEX
+from omnitune.train.loss import token_losses, weighted_loss
+
+PACKED_KEYS = ("seq_lengths", "image_counts", "video_counts", "audio_counts")
+
+
+class Objective(Protocol):
+    name: str
+
+    def count(self, batch: dict[str, Any]) -> torch.Tensor: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
+             micro_steps: int = 1) -> torch.Tensor: ...
+
+    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int) -> Any | None: ...
+
+
+class ThinkerLM:
+    """The Thinker's next-token loss (train/loss.py): each sample's token cross-entropy over its assistant tokens,
+    weighted by its input modalities, summed and divided by the trained tokens of the whole optimizer step; plus the
+    MoE router's balance loss x `router_aux_coef` when the router trains. `chunked`: the vocabulary projection and
+    cross-entropy in chunks through the fused kernel (kernels/loss.py); else over full logits, as transformers does."""
+
+    name = "thinker_lm"
+
+    def __init__(self, router_aux_coef: float = 0.0, chunked: bool = True):
+        self.router_aux_coef = router_aux_coef
+        self.chunked = chunked
+        self._parts: dict[int, tuple[nn.Module, nn.Module, nn.Module]] = {}
+
+    def _resolve(self, model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(thinker, backbone, head) of `model`, looked up in the parts map once per model."""
+        if id(model) not in self._parts:
+            thinker = parts.thinker_of(model)
+            self._parts[id(model)] = thinker, parts.module(thinker, "backbone"), parts.module(thinker, "lm_head")
+        return self._parts[id(model)]
+
+    def count(self, batch: dict[str, Any]) -> torch.Tensor:
+        return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
+             micro_steps: int = 1) -> torch.Tensor:
+        return self.loss_and_outputs(model, batch, num_items, micro_steps)[0]
+
+    def loss_and_outputs(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
+                         micro_steps: int = 1) -> tuple[torch.Tensor, Any]:
+        """The loss and the Thinker backbone's outputs (hidden states, router logits) it was computed from."""
+        inputs = dict(batch)
+        labels = inputs.pop("labels")
+        sample_weight = inputs.pop("sample_weight", None)
+        thinker, backbone, head = self._resolve(model)
+        if "seq_lengths" in inputs:  # a packed row (data.packing): no attention_mask, positions per sample
+            packed = [inputs.pop(k) for k in PACKED_KEYS]
+            inputs["position_ids"] = packed_position_ids(backbone, inputs, *packed)
+        want_router = self.router_aux_coef > 0 and model.training
+        out = backbone(**inputs, output_router_logits=want_router, use_cache=False)
+        losses = token_losses(out.last_hidden_state, head, labels, fused=self.chunked)
+        loss = weighted_loss(losses, labels, sample_weight, num_items if model.training else None)
+        if want_router:
+            aux = load_balancing_loss_func(out.router_logits, thinker.num_experts, thinker.num_experts_per_tok,
+                                           inputs.get("attention_mask"))
+            # The aux term is per micro-batch: scale it so gradient accumulation sums to one coefficient.
+            loss = loss + self.router_aux_coef * aux.to(loss.device) / micro_steps
+        return loss, out
+
+    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int):
+        from omnitune.train.graphed_step import GraphedTrainStep
+
+        return GraphedTrainStep(parts.thinker_of(model), params, bucket=bucket)
+
+
+def packed_position_ids(backbone: nn.Module, batch: dict, seq_lengths: torch.Tensor, image_counts: torch.Tensor,
+                        video_counts: torch.Tensor, audio_counts: torch.Tensor) -> torch.Tensor:
+    """(4, 1, N) positions of a packed row (data/collate.py): per sample, row 0 its text positions 0..L-1 (where
+    attention finds the sample boundaries) and rows 1-3 the M-RoPE t/h/w that `get_rope_index` gives it alone, from
+    its own grids and audio lengths, exactly as in a padded batch. Float, as get_rope_index's: video times can be
+    fractional (13 * seconds per grid), which data/packing.py's integer positions would truncate. `backbone`: the
+    Thinker's multimodal model (parts map: "backbone"), whose `get_rope_index` gives the M-RoPE positions."""
+    fmask = batch.get("feature_attention_mask")
+    images = _per_sample(batch.get("image_grid_thw"), image_counts)
+    videos = _per_sample(batch.get("video_grid_thw"), video_counts)
+    seconds = _per_sample(batch.get("video_second_per_grid"), video_counts)
+    audios = _per_sample(None if fmask is None else fmask.sum(-1), audio_counts)
+    rows = []
+    for i, ids in enumerate(batch["input_ids"][0].cpu().split(seq_lengths.tolist())):
+        text = torch.arange(len(ids), dtype=torch.float32)
+        if image_counts[i] or video_counts[i]:
+            mrope = backbone.get_rope_index(ids[None], images[i], videos[i], torch.ones_like(ids[None]),
+                                            bool(batch.get("use_audio_in_video")), audios[i], seconds[i])[0][:, 0]
+        else:  # text and audio alone: get_rope_index gives them the text positions on all three axes
+            mrope = text.expand(3, -1)
+        rows.append(torch.cat([text[None], mrope.float()]))
+    return torch.cat(rows, dim=1)[:, None].to(batch["input_ids"].device)
+
+
+def _per_sample(values: torch.Tensor | None, counts: torch.Tensor) -> list[torch.Tensor | None]:
+    """Split media rows concatenated in sample order (grids, clip lengths) back into each sample's own."""
+    return [None] * len(counts) if values is None else list(values.cpu().split(counts.tolist()))
