@@ -1,14 +1,16 @@
-"""Qwen3-Omni Thinker LoRA training speed: omnitune fast path vs plain transformers grouped_mm + PEFT.
+"""Kernel-level benchmarks of the Thinker's LoRA step: omnitune's fast paths vs plain transformers grouped_mm + PEFT.
 
-Real widths, random bf16 weights on the GPU (hidden 2048, 48 layers, 32/4 heads, head_dim 128, 128 experts
+What `omnitune train` delivers is measured by bench/bench_train.py (the real trainer); this script times the
+pieces on their own: one MoE layer, and a hand-built 48-layer step whose ablations (`ours~norms`, `+keep8`, ...)
+attribute the gain to each kernel. Real widths, random bf16 weights on the GPU (hidden 2048, 48 layers, 32/4 heads, head_dim 128, 128 experts
 top-8, moe_intermediate 768, vocab 152064). Each measurement runs in its own subprocess so the two paths never
 share memory. Parts:
   layer  one MoE block (router + experts) fwd+bwd at 4096 tokens, expert LoRA r16 (base frozen)
   model  the 48-layer Thinker text step: LoRA r16 on q/k/v/o + fused experts, gradient checkpointing, batch 1,
          forward + backward + AdamW step on the LoRA parameters
   smoke  small sizes on the GPU: grouped_mm availability, fast path vs fp64 reference, zero-token experts
-Usage (GPU machine): PYTHONPATH=/tmp/pp:src python bench/bench_moe_lora.py [--parts smoke,layer,model] [--seqs 4096,8192]
-MFU = tok/s * 4 * 3.042e9 / 770e12 (LoRA: fwd + recompute-free bwd counted as 4N per token, as in issue 3).
+Usage (GPU machine): PYTHONPATH=/tmp/pp:src:bench python bench/bench_moe_lora.py [--parts smoke,layer,model]
+MFU = tok/s * 4 * active params of the depth measured / 770e12 (bench/common.py; 3.042e9 at 48 layers).
 """
 from __future__ import annotations
 
@@ -23,66 +25,9 @@ import time
 
 import torch
 
+from common import PEAK_FLOPS, REAL, active_params, build_on_device, mfu, thinker_config
+
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" + BENCH_TINY=1: a dry run of the code paths
-ACTIVE_PARAMS = 3.042e9
-PEAK_FLOPS = 770e12
-REAL = dict(hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, moe_inter=768,
-            vocab=152064, mrope=[24, 20, 20])
-if os.environ.get("BENCH_TINY"):
-    REAL.update(hidden=128, heads=4, kv_heads=2, head_dim=32, experts=16, top_k=4, moe_inter=64, vocab=1000, mrope=[6, 5, 5])
-
-
-def mfu(tok_s: float) -> float:
-    return tok_s * 4 * ACTIVE_PARAMS / PEAK_FLOPS
-
-
-def thinker_config(layers: int, **over):
-    """Thinker config at the real text widths; audio/vision towers tiny (text-only steps never run them)."""
-    from transformers import Qwen3OmniMoeThinkerConfig
-
-    r = dict(REAL, **over)
-    text = dict(vocab_size=r["vocab"], hidden_size=r["hidden"], intermediate_size=6144, num_hidden_layers=layers,
-                num_attention_heads=r["heads"], num_key_value_heads=r["kv_heads"], head_dim=r["head_dim"],
-                num_experts=r["experts"], num_experts_per_tok=r["top_k"], moe_intermediate_size=r["moe_inter"],
-                decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, router_aux_loss_coef=0.001,
-                max_position_embeddings=65536, rms_norm_eps=1e-6, pad_token_id=0,
-                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=r["mrope"],
-                                     interleaved=True, mrope_interleaved=True))
-    audio = dict(num_mel_bins=128, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                 output_dim=r["hidden"], downsample_hidden_size=16, n_window=50, n_window_infer=800,
-                 max_source_positions=1500)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=16,
-                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=r["hidden"], num_position_embeddings=64,
-                  deepstack_visual_indexes=[0])
-    return Qwen3OmniMoeThinkerConfig(text_config=text, audio_config=audio, vision_config=vision,
-                                     audio_token_id=151675, image_token_id=151655, video_token_id=151656,
-                                     audio_start_token_id=151669, audio_end_token_id=151670,
-                                     vision_start_token_id=151652, vision_end_token_id=151653, user_token_id=872,
-                                     position_id_per_seconds=13)
-
-
-@torch.no_grad()
-def fill_random_(module: torch.nn.Module, std: float = 0.02) -> None:
-    """In-place random init on the device: norms to 1, everything else N(0, std); nothing touches the CPU."""
-    for name, p in module.named_parameters():
-        if p.dim() == 1 and "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, std)
-
-
-def build_on_gpu(cls, cfg):
-    from transformers.initialization import no_init_weights
-
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEVICE), no_init_weights():
-            model = cls(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    fill_random_(model)
-    return model
 
 
 def cuda_time_ms(fn, warmup: int, iters: int) -> list[float]:
@@ -176,11 +121,12 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
 
     import omnitune.kernels as K
 
+    K.register_experts_implementation("omnitune")
     name = impl
     impl, *extra = impl.split("+")  # "ours+graph": fwd + bwd replayed as one CUDA graph, as the trainer runs it
     cfg = thinker_config(1).text_config
     cfg._experts_implementation = "omnitune" if impl == "ours" else "grouped_mm"
-    block = build_on_gpu(Qwen3OmniMoeThinkerTextSparseMoeBlock, cfg)
+    block = build_on_device(Qwen3OmniMoeThinkerTextSparseMoeBlock, cfg, DEVICE)
     block.requires_grad_(False)
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], init_lora_weights=False,
                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
@@ -201,7 +147,7 @@ def run_layer(impl: str, tokens: int = 4096, rank: int = 16) -> dict:
 
     step = eager_step
     if "graph" in extra:  # x is a leaf here, so dX is computed just as out.backward(g) computes it
-        from omnitune.kernels.cuda_graph import GraphedGrads
+        from omnitune.train.cuda_graph import GraphedGrads
 
         params = [x] + [p for p in block.parameters() if p.requires_grad]
         graphed = GraphedGrads(lambda g: (block(x) * g).sum(), params)
@@ -225,9 +171,10 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
 
     import omnitune.kernels as K
 
+    K.register_experts_implementation("omnitune")
     t0 = time.time()
     cfg = thinker_config(layers)
-    model = build_on_gpu(Qwen3OmniMoeThinkerForConditionalGeneration, cfg)
+    model = build_on_device(Qwen3OmniMoeThinkerForConditionalGeneration, cfg, DEVICE)
     model.set_experts_implementation("omnitune" if impl == "ours" else "grouped_mm")
     model.config.use_cache = False
     prefix = "model.language_model.layers"
@@ -237,7 +184,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     model = get_peft_model(model, lcfg)
     # "ours~norms~linear~loss~qkv~router~select~handoff~adamw" = ours with those features off (to attribute the
     # gain); "ours+graph" = ours with the whole forward + backward replayed as one CUDA graph (kernels.cuda_graph)
-    # "+sac" / "+sacmm" = selective checkpointing (kernels/checkpointing.py: attention outputs / and dense GEMMs kept)
+    # "+sac" / "+sacmm" = selective checkpointing (train/checkpointing.py: attention outputs / and dense GEMMs kept)
     # "+qlora" = the experts' weights in 4-bit NF4 (model/qlora.py)
     name = impl
     impl, *off = impl.split("~")
@@ -246,16 +193,16 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     # checkpointing must not save/restore the CUDA RNG state inside a graph capture (no dropout here)
     ckpt = {"use_reentrant": False, "preserve_rng_state": not graphed}
     if "sac" in extra or "sacmm" in extra:
-        from omnitune.kernels.checkpointing import selective_checkpoint_context
+        from omnitune.train.checkpointing import selective_checkpoint_context
 
         ckpt["context_fn"] = selective_checkpoint_context(save_matmuls="sacmm" in extra)
         model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
     elif "nockpt" not in extra:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-    # "+keepN": the last N layers without checkpointing (kernels/checkpointing.keep_activations)
+    # "+keepN": the last N layers without checkpointing (train/checkpointing.keep_activations)
     keep = [int(e[len("keep"):]) for e in extra if e.startswith("keep") and e != "keepauto"]
     if keep:
-        from omnitune.kernels.checkpointing import keep_activations
+        from omnitune.train.checkpointing import keep_activations
 
         keep_activations(model, keep[0])
     model.train()
@@ -277,7 +224,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
                 torch.cuda.empty_cache()
     auto = {}
     if "keepauto" in extra:  # as many layers as the GPU holds, decided as `omnitune train` does (the default)
-        from omnitune.kernels.checkpointing import auto_uncheckpointed_layers, keep_activations
+        from omnitune.train.checkpointing import auto_uncheckpointed_layers, keep_activations
 
         plan = auto_uncheckpointed_layers(model, seq)
         keep_activations(model, plan.layers)
@@ -288,7 +235,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
 
         graphed_step.GraphedTrainStep.head_rows = lambda self, shape, count: shape[0] * (shape[1] - 1)
     if "handoff" in off:  # every micro-step accumulates into zeroed buffers (no hand-off of the graph's own grads)
-        from omnitune.kernels.cuda_graph import GraphedGrads
+        from omnitune.train.cuda_graph import GraphedGrads
 
         GraphedGrads._window_open = lambda self: True
     if "lorakernels" in off:  # the experts' LoRA products all on torch's grouped GEMM (kernels/expert_lora.py)
@@ -323,7 +270,7 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
 
         graph_step = GraphedTrainStep(thinker, params, bucket=512)
         batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
-        assert DEVICE != "cuda" or graph_step.applies(batch, want_router=False)
+        assert DEVICE != "cuda" or graph_step.eager_reason(batch) is None
         graph_args = graph_step.prepare(batch, None, None)  # the eager prefix may sync; the captured part must not
         sync_report = first_host_sync(lambda: torch.autograd.grad(
             graph_step._loss(*graph_args), params, allow_unused=True)) if DEVICE == "cuda" else None
@@ -375,7 +322,8 @@ def run_model(impl: str, seq: int, layers: int = 48, rank: int = 16, steps: int 
     if want_profile(label):
         profile_print(step, label, steps=1)
     ms = statistics.median(times)
-    return dict(part="model", impl=name, seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3, mfu=mfu(seq / ms * 1e3),
+    return dict(part="model", impl=name, seq=seq, layers=layers, ms=ms, tok_s=seq / ms * 1e3,
+                mfu=mfu(seq / ms * 1e3, active_params(cfg.text_config)),
                 peak_gib=peak_gib(), build_s=build_s, host_syncs_per_step=syncs,
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries") if DEVICE == "cuda" else None,
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),

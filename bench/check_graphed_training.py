@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+from dataclasses import replace
 
 import torch
 from torch.nn.attention import sdpa_kernel
@@ -19,13 +20,15 @@ from transformers import TrainingArguments
 
 import omnitune.kernels as K
 from omnitune.data.collate import OmniCollator
-from omnitune.kernels.checkpointing import keep_activations
+from omnitune.train.checkpointing import keep_activations
 from omnitune.model.adapters import apply_adapters
 from omnitune.model.qlora import quantize_experts
 from omnitune.model.tiny import build_tiny_model
-from omnitune.recipe import AdapterConfig
+from omnitune.recipe import AdapterConfig, load_recipe
 from omnitune.train.graphed_step import MASKED_SDPA_BACKENDS, GraphedTrainStep
-from omnitune.train.trainer import PACKED_KEYS, OmniTrainer, packed_position_ids
+from omnitune.train.objectives import PACKED_KEYS, ThinkerLM, packed_position_ids
+from omnitune.train.plan import make_plan
+from omnitune.train.trainer import OmniTrainer
 
 WEIGHTS = {"text": 1.0, "audio": 0.8, "vision": 0.9}
 GPU = torch.cuda.is_available()  # on CPU: a dry run of the code (no graphs, the step runs eagerly)
@@ -37,6 +40,7 @@ def make_model(qlora: bool = False):
     checkpointed layers' recompute then also serves the backward's dequantized experts)."""
     torch.manual_seed(0)
     thinker = build_tiny_model(seed=0).thinker.to(DEV, torch.bfloat16 if GPU else torch.float32)
+    K.register_experts_implementation("omnitune")
     thinker.set_experts_implementation("omnitune")
     model = apply_adapters(thinker, AdapterConfig(rank=8, alpha=16, targets=["attention", "experts"]))
     with torch.no_grad():
@@ -78,21 +82,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_step(model, packing: bool, batch_size: int) -> float:
     thinker = model.get_base_model()
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    trainer = OmniTrainer(model=model, args=TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[]))
+    objective = ThinkerLM()
     step = GraphedTrainStep(thinker, list(params), bucket=512)
     collate = OmniCollator(0, WEIGHTS, packing=packing)
     worst = 0.0
     for trial in range(4):
         batch = on_gpu(collate(samples(batch_size, seed=trial)))
-        assert step.applies(batch, want_router=False) or not GPU
+        assert step.eager_reason(batch) is None or not GPU
         model.zero_grad(set_to_none=True)
         b = dict(batch)
-        pos = packed_position_ids(thinker.model, b, *[b.pop(k) for k in PACKED_KEYS]) if packing else None
+        pos = packed_position_ids(step.backbone, b, *[b.pop(k) for k in PACKED_KEYS]) if packing else None
         loss_g = step(b, pos, None).clone()
         g_g = [p.grad.clone() for p in params]
         model.zero_grad(set_to_none=True)
         with sdpa_kernel(step.sdpa_backends):  # the attention kernels the graph was captured with: like for like
-            loss_e = trainer.compute_loss(model, dict(batch))
+            loss_e = objective.loss(model, dict(batch), None)
             loss_e.backward()
         g_e = [p.grad.clone() for p in params]
         errs = [rel(a, b) for a, b in zip(g_g, g_e)]
@@ -106,17 +110,18 @@ def check_step(model, packing: bool, batch_size: int) -> float:
     return worst
 
 
-def train_curve(graph_bucket: int | None) -> tuple[list[float], int]:
+def train_curve(graphs: bool) -> tuple[list[float], int]:
     model = make_model()
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=6, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, bf16=GPU,
                              use_cpu=not GPU,
                              report_to=[], save_strategy="no", remove_unused_columns=False, seed=0,
                              disable_tqdm=True)
-    trainer = OmniTrainer(model=model, args=args, train_dataset=samples(48, seed=7),
-                          data_collator=OmniCollator(0, WEIGHTS), graph_bucket=graph_bucket)
+    plan = replace(make_plan(load_recipe("demo")), cuda_graphs=graphs, graph_bucket=128)
+    trainer = OmniTrainer(model=model, args=args, train_dataset=samples(48, seed=7), objective=ThinkerLM(),
+                          plan=plan, data_collator=OmniCollator(0, WEIGHTS))
     trainer.train()
-    if graph_bucket is not None:
+    if graphs:
         print(trainer.graph_summary())
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return losses, 0 if trainer.graphed is None else len(trainer.graphed.graphs.graphs)
@@ -141,8 +146,8 @@ def main() -> int:
     if quick:
         print(f"worst step rel err {worst:.2e}: {'OK' if not failed and worst < 3e-2 else 'MISMATCH'}")
         return int(bool(failed) or worst >= 3e-2)
-    eager, _ = train_curve(None)
-    graphed, n_graphs = train_curve(128)
+    eager, _ = train_curve(False)
+    graphed, n_graphs = train_curve(True)
     curve_err = max(abs(a - b) / abs(b) for a, b in zip(graphed, eager))
     print("trainer eager  ", [round(x, 4) for x in eager])
     print("trainer graphed", [round(x, 4) for x in graphed], f"({n_graphs} graphs)")
