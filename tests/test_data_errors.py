@@ -107,3 +107,52 @@ def test_a_prompt_for_generation_may_end_with_a_user_turn():
     assert validate_record(prompt, "p.jsonl", 1, require_answer=False).n_assistant == 0
     with pytest.raises(RecordError, match="last turn must be an assistant turn"):
         validate_record(prompt, "p.jsonl", 1)
+
+
+def _media_record(kind, ref):
+    return {"conversations": [{"role": "user", "content": [{"type": kind, kind: str(ref)}]},
+                              {"role": "assistant", "content": "ok"}]}
+
+
+def test_media_outside_the_data_folder_is_refused_before_it_is_opened(tmp_path):
+    files = media_files(tmp_path / "outside")
+    data = tmp_path / "data"
+    (data / "media").mkdir(parents=True)
+    (data / "media" / "link.png").symlink_to(files["image"])
+    (data / "media" / "ok.png").symlink_to(data / "media" / "link.png")  # inside -> inside -> outside
+    path = write_jsonl(data / "d.jsonl", [_media_record("image", "../outside/i.png"),
+                                          _media_record("audio", files["audio"]),
+                                          _media_record("image", "media/link.png"),
+                                          _media_record("image", "media/ok.png"),
+                                          _media_record("image", "~/../../etc/passwd")])
+    got = list(read_records(path))
+    for line, err in enumerate(got, 1):
+        assert isinstance(err, RecordError) and err.line == line and "outside the allowed folders" in err.reason
+        assert f"({data})" in err.reason and "data.media_roots" in err.reason
+    # Folders the caller allows (the recipe's data.media_roots) let the same files in, resolved.
+    got = list(read_records(path, media_roots=[data, tmp_path / "outside"]))[:4]
+    assert [r.media[0].path for r in got] == [files["image"], files["audio"], files["image"], files["image"]]
+
+
+def test_recipe_media_roots_are_relative_to_the_recipe_and_reach_prepare(tmp_path):
+    from omnitune.recipe import load_recipe
+
+    files = media_files(tmp_path / "shared")
+    (tmp_path / "data").mkdir()
+    path = write_jsonl(tmp_path / "data" / "d.jsonl", [_media_record("image", files["image"])])
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("model: {path: tiny}\ndata: {workers: 1, image_max_pixels: 4096, image_min_pixels: 1024}\n")
+    overrides = [f"data.train={path}", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(RecordError, match="d.jsonl:1: .*outside the allowed folders"):
+        prepare_split(load_recipe(recipe_file, overrides), processor(), path, console())
+    recipe = load_recipe(recipe_file, overrides + ["data.media_roots=[shared]"])
+    assert recipe.data.media_roots == [str(tmp_path / "shared")]  # absolute, as RUN/recipe.yaml keeps it
+    assert len(prepare_split(recipe, processor(), path, console())) == 1
+
+
+@pytest.mark.parametrize("ref,reason", [("a\u0000.wav", "cannot be resolved"), ("x" * 300 + ".wav", "too long")])
+def test_unusable_media_paths_are_record_errors(tmp_path, ref, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [_media_record("audio", ref)])
+    (err,) = read_records(path)
+    assert isinstance(err, RecordError) and err.line == 1 and reason in err.reason
+

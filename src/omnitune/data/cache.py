@@ -109,6 +109,11 @@ def save_processor(processor, directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def media_roots(recipe: Recipe, path: Path) -> list[Path]:
+    """The folders the media of data file `path` may resolve inside: its own and data.media_roots."""
+    return [path.resolve().parent, *(recipe.resolve(r) for r in recipe.data.media_roots)]
+
+
 def cache_key(recipe: Recipe, path: Path, records: list[Record | RecordError], processor_hash: str) -> str:
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}|{path.resolve()}|{recipe.model.variant}|{processor_hash}|".encode())
@@ -141,7 +146,7 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
     if getattr(processor, "chat_template", None) != chat_template(recipe.model.variant):
         console.print(f"[yellow]warning:[/yellow] the processor's chat template is not omnitune's "
                       f"'{recipe.model.variant}' template (model.variant); samples follow the processor's")
-    records = list(read_records(path, recipe.model.variant))
+    records = list(read_records(path, recipe.model.variant, media_roots(recipe, path)))
     root = cache_root(recipe)
     root.mkdir(parents=True, exist_ok=True)
     _remove_orphans(root)
