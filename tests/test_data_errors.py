@@ -156,3 +156,33 @@ def test_unusable_media_paths_are_record_errors(tmp_path, ref, reason):
     (err,) = read_records(path)
     assert isinstance(err, RecordError) and err.line == 1 and reason in err.reason
 
+
+def test_a_record_nested_10000_levels_is_one_bad_record(tmp_path):
+    deep = '{"conversations": ' + "[" * 10000 + "]" * 10000 + "}"
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(OK) + "\n" + deep + "\n" + json.dumps(OK) + "\n")
+    ok, bad, ok2 = read_records(path)
+    assert ok.line == 1 and ok2.line == 3 and str(bad) == f"{path}:2: nested too deeply to read " \
+                                                          "(over ~1000 levels of lists/objects)"
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + json.dumps(OK) + ",\n" + deep + "\n]\n")
+    ok, bad = read_records(path)
+    assert ok.line == 2 and str(bad).startswith(f"{path}:3: nested too deeply")
+    # Deep or huge values that do parse are never echoed whole.
+    role = json.loads("[" * 900 + "]" * 900)
+    (bad,) = read_records(write_jsonl(tmp_path / "r.jsonl", [{"conversations": [{"role": role, "content": "x"}]}]))
+    assert "unknown role [[[[[[[...]]]]]]] (roles" in str(bad) and len(str(bad)) < 300
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_record_at_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(OK).encode()
+    path.write_bytes(good + b"\n" + good.replace(b"hello", b"hel\xfflo") + b"\r\n" + good + b"\n")
+    ok, bad, ok2 = read_records(path)
+    assert (ok.line, ok2.line) == (1, 3)
+    assert str(bad).startswith(f"{path}:2: not UTF-8 text: byte 0xff at column {good.index(b'hello') + 4}")
+    # A JSON list is decoded whole: the file is refused, at the line of the bad byte.
+    path = tmp_path / "d.json"
+    path.write_bytes(b"[\n" + good + b",\n" + good.replace(b"hello", b"hel\xfflo") + b"\n]\n")
+    with pytest.raises(RecordError, match=r"d.json:3: not UTF-8 text: byte 0xff"):
+        list(read_records(path))

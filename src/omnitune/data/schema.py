@@ -3,8 +3,8 @@
 A record is `{"conversations": [{"role": ..., "content": ...}, ...]}` (../shared/DESIGN.md). Content is a string
 or a list of items `{"type": "text", "text": ...}` / `{"type": "audio"|"image"|"video", "<type>": "path"}`;
 media paths are relative to the data file and must resolve (symlinks followed) inside the allowed media roots
-(the data file's folder unless the caller says otherwise), checked before any media file is opened. Every problem
-becomes a `RecordError` that says `file:line: reason`.
+(the data file's folder unless the caller says otherwise), checked before any media file is opened. Every problem,
+bad bytes and absurd nesting included, becomes a `RecordError` that says `file:line: reason`.
 """
 
 from __future__ import annotations
@@ -67,12 +67,10 @@ def read_records(path: str | Path, variant: str = "instruct",
     media_roots: the folders media may resolve inside (default: the data file's folder)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise RecordError(path, 0, "data file not found") from None
-    except UnicodeDecodeError as e:
-        raise RecordError(path, 0, f"not UTF-8 text: {e}") from None
-    for line, raw in _json_values(path, text):
+    for line, raw in _json_values(path, data):
         if isinstance(raw, RecordError):
             yield raw
             continue
@@ -82,18 +80,36 @@ def read_records(path: str | Path, variant: str = "instruct",
             yield e
 
 
-def _json_values(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _json_list(path, text)
+_TOO_DEEP = "nested too deeply to read (over ~1000 levels of lists/objects)"
+
+
+def _json_values(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
+    if data.lstrip()[:1] == b"[":
+        yield from _json_list(path, _utf8(path, data))  # a list is decoded whole: bad bytes fail the file
         return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    # JSONL is decoded line by line, so one bad line is one bad record.
+    for i, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            yield i, json.loads(line)
+            yield i, json.loads(_utf8(path, raw, i))
+        except RecordError as e:
+            yield i, e
         except json.JSONDecodeError as e:
             yield i, RecordError(path, i, f"bad JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            yield i, RecordError(path, i, _TOO_DEEP)
+
+
+def _utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+    """`data` decoded as UTF-8, or a RecordError at the line and column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise RecordError(path, line, f"not UTF-8 text: byte {data[e.start]:#04x} at column {column} "
+                                      "(save the file as UTF-8)") from None
 
 
 def _json_list(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -105,12 +121,15 @@ def _json_list(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         if pos < len(text) and text[pos] == "]":
             return
         line = text.count("\n", 0, pos) + 1
+        # The rest of a JSON list cannot be located after a bad value: report it and stop.
         try:
             value, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            # The rest of a JSON list cannot be located after a syntax error: report it and stop.
             yield e.lineno, RecordError(path, e.lineno, f"bad JSON: {e.msg} (column {e.colno}); "
                                                         "the rest of this JSON list cannot be read")
+            return
+        except RecursionError:
+            yield line, RecordError(path, line, f"{_TOO_DEEP}; the rest of this JSON list cannot be read")
             return
         yield line, value
         pos = _skip_ws(text, pos)
