@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from omnitune.data.synthetic import tinted_frame, tone, write_mp4, write_png, wr
 from omnitune.recipe import DataConfig, Recipe, validate_recipe
 
 __all__ = ["processor", "data_cfg", "recipe_for", "write_jsonl", "media_files", "user", "console",
-           "tone", "tinted_frame", "write_mp4", "write_png", "write_wav"]
+           "tone", "tinted_frame", "write_mp4", "write_png", "write_wav", "png_header"]
 
 
 @lru_cache(maxsize=None)
@@ -50,6 +52,15 @@ def media_files(d: Path, seed: int = 0) -> dict[str, Path]:
     return {"audio": write_wav(d / "a.wav", tone(440.0, 1.0, rng)),
             "image": write_png(d / "i.png", tinted_frame("blue", rng)),
             "video": write_mp4(d / "v.mp4", frames, fps=4, audio=tone(880.0, 1.0, rng))}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels and holds none: big dimensions in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
 
 
 def user(*items, text: str = "What is it?") -> dict:

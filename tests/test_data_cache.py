@@ -47,7 +47,7 @@ def test_cache_is_reused_when_nothing_changed(tmp_path, monkeypatch):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
-@pytest.mark.parametrize("change", ["data file", "recipe data", "media file", "variant", "missing file appears"])
+@pytest.mark.parametrize("change", ["data file", "recipe data", "media content", "variant", "missing file appears"])
 def test_cache_is_rebuilt_when_an_input_changes(tmp_path, change):
     path = _dataset(tmp_path)
     recipe = recipe_for(tmp_path, path, on_error="skip")
@@ -62,14 +62,19 @@ def test_cache_is_rebuilt_when_an_input_changes(tmp_path, change):
         path.write_text(path.read_text().replace("answer 0", "answer zero"))
     elif change == "recipe data":
         recipe = recipe_for(tmp_path, path, on_error="skip", max_length=2048)
-    elif change == "media file":
+    elif change == "media content":  # same size, same mtime: only the bytes say it changed
         wav = tmp_path / "media" / "a.wav"
-        os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
+        st, data = wav.stat(), bytearray(wav.read_bytes())
+        data[-2:] = bytes([data[-2] ^ 0xFF, data[-1] ^ 0xFF])
+        wav.write_bytes(bytes(data))
+        os.utime(wav, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:
         recipe = recipe_for(tmp_path, path, on_error="skip", variant="thinking")
     second, log = _prepare(recipe, path)
     assert "using cache" not in log and second.dir != first.dir
-    # Settings that do not change samples keep the cache.
+    # Settings that do not change samples keep the cache, and so does a media file touched but not changed.
+    wav = tmp_path / "media" / "a.wav"
+    os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
     third, log = _prepare(recipe.model_copy(update={"data": recipe.data.model_copy(update={"workers": 3})}), path)
     assert "using cache" in log and third.dir == second.dir
 
@@ -213,3 +218,36 @@ def test_packing_is_not_part_of_the_cache_key(tmp_path):
     records = list(read_records(train_file))
     keys = {cache_key(load_recipe("demo", [f"data.packing={p}"]), train_file, records, "h") for p in ("false", "true")}
     assert len(keys) == 1
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["tensor bytes", "pickle bytes", "truncated shard", "manifest values"])
+def test_a_damaged_cache_is_noticed_and_prepared_again(tmp_path, damage):
+    path = _dataset(tmp_path, n=3)
+    recipe = recipe_for(tmp_path, path)
+    first, _ = _prepare(recipe, path)
+    expected = [first[i]["input_ids"].clone() for i in range(len(first))]
+    shard = first.dir / "shard-00000.pt"
+    if damage == "tensor bytes":  # same size, inside the first sample's token ids: used silently before
+        _flip(shard, shard.read_bytes().index(first[0]["input_ids"].numpy().tobytes()) + 40)
+    elif damage == "pickle bytes":  # an unpickling traceback before
+        _flip(shard, shard.read_bytes().index(b"input_ids"))
+    elif damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        manifest = json.loads((first.dir / "manifest.json").read_text())
+        manifest["lines"][0] = 99
+        (first.dir / "manifest.json").write_text(json.dumps(manifest))
+    again, log = _prepare(recipe, path)
+    reason = {"tensor bytes": "shard-00000.pt fails its checksum", "pickle bytes": "shard-00000.pt fails its checksum",
+              "truncated shard": "shard-00000.pt has", "manifest values": "manifest.json fails its checksum"}[damage]
+    (notice,) = [line for line in log.splitlines() if "preparing it again" in line]
+    assert reason in notice and "using cache" not in log and "Traceback" not in log
+    assert again.lines == [1, 2, 3] and all(torch.equal(again[i]["input_ids"], expected[i]) for i in range(3))
+    _, log = _prepare(recipe, path)
+    assert "using cache" in log

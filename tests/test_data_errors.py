@@ -107,3 +107,82 @@ def test_a_prompt_for_generation_may_end_with_a_user_turn():
     assert validate_record(prompt, "p.jsonl", 1, require_answer=False).n_assistant == 0
     with pytest.raises(RecordError, match="last turn must be an assistant turn"):
         validate_record(prompt, "p.jsonl", 1)
+
+
+def _media_record(kind, ref):
+    return {"conversations": [{"role": "user", "content": [{"type": kind, kind: str(ref)}]},
+                              {"role": "assistant", "content": "ok"}]}
+
+
+def test_media_outside_the_data_folder_is_refused_before_it_is_opened(tmp_path):
+    files = media_files(tmp_path / "outside")
+    data = tmp_path / "data"
+    (data / "media").mkdir(parents=True)
+    (data / "media" / "link.png").symlink_to(files["image"])
+    (data / "media" / "ok.png").symlink_to(data / "media" / "link.png")  # inside -> inside -> outside
+    path = write_jsonl(data / "d.jsonl", [_media_record("image", "../outside/i.png"),
+                                          _media_record("audio", files["audio"]),
+                                          _media_record("image", "media/link.png"),
+                                          _media_record("image", "media/ok.png"),
+                                          _media_record("image", "~/../../etc/passwd")])
+    got = list(read_records(path))
+    for line, err in enumerate(got, 1):
+        assert isinstance(err, RecordError) and err.line == line and "outside the allowed folders" in err.reason
+        assert f"({data})" in err.reason and "data.media_roots" in err.reason
+    # Folders the caller allows (the recipe's data.media_roots) let the same files in, resolved.
+    got = list(read_records(path, media_roots=[data, tmp_path / "outside"]))[:4]
+    assert [r.media[0].path for r in got] == [files["image"], files["audio"], files["image"], files["image"]]
+
+
+def test_recipe_media_roots_are_relative_to_the_recipe_and_reach_prepare(tmp_path):
+    from omnitune.recipe import load_recipe
+
+    files = media_files(tmp_path / "shared")
+    (tmp_path / "data").mkdir()
+    path = write_jsonl(tmp_path / "data" / "d.jsonl", [_media_record("image", files["image"])])
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("model: {path: tiny}\ndata: {workers: 1, image_max_pixels: 4096, image_min_pixels: 1024}\n")
+    overrides = [f"data.train={path}", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(RecordError, match="d.jsonl:1: .*outside the allowed folders"):
+        prepare_split(load_recipe(recipe_file, overrides), processor(), path, console())
+    recipe = load_recipe(recipe_file, overrides + ["data.media_roots=[shared]"])
+    assert recipe.data.media_roots == [str(tmp_path / "shared")]  # absolute, as RUN/recipe.yaml keeps it
+    assert len(prepare_split(recipe, processor(), path, console())) == 1
+
+
+@pytest.mark.parametrize("ref,reason", [("a\u0000.wav", "cannot be resolved"), ("x" * 300 + ".wav", "too long")])
+def test_unusable_media_paths_are_record_errors(tmp_path, ref, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [_media_record("audio", ref)])
+    (err,) = read_records(path)
+    assert isinstance(err, RecordError) and err.line == 1 and reason in err.reason
+
+
+def test_a_record_nested_10000_levels_is_one_bad_record(tmp_path):
+    deep = '{"conversations": ' + "[" * 10000 + "]" * 10000 + "}"
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(OK) + "\n" + deep + "\n" + json.dumps(OK) + "\n")
+    ok, bad, ok2 = read_records(path)
+    assert ok.line == 1 and ok2.line == 3 and str(bad) == f"{path}:2: nested too deeply to read " \
+                                                          "(over ~1000 levels of lists/objects)"
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + json.dumps(OK) + ",\n" + deep + "\n]\n")
+    ok, bad = read_records(path)
+    assert ok.line == 2 and str(bad).startswith(f"{path}:3: nested too deeply")
+    # Deep or huge values that do parse are never echoed whole.
+    role = json.loads("[" * 900 + "]" * 900)
+    (bad,) = read_records(write_jsonl(tmp_path / "r.jsonl", [{"conversations": [{"role": role, "content": "x"}]}]))
+    assert "unknown role [[[[[[[...]]]]]]] (roles" in str(bad) and len(str(bad)) < 300
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_record_at_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(OK).encode()
+    path.write_bytes(good + b"\n" + good.replace(b"hello", b"hel\xfflo") + b"\r\n" + good + b"\n")
+    ok, bad, ok2 = read_records(path)
+    assert (ok.line, ok2.line) == (1, 3)
+    assert str(bad).startswith(f"{path}:2: not UTF-8 text: byte 0xff at column {good.index(b'hello') + 4}")
+    # A JSON list is decoded whole: the file is refused, at the line of the bad byte.
+    path = tmp_path / "d.json"
+    path.write_bytes(b"[\n" + good + b",\n" + good.replace(b"hello", b"hel\xfflo") + b"\n]\n")
+    with pytest.raises(RecordError, match=r"d.json:3: not UTF-8 text: byte 0xff"):
+        list(read_records(path))

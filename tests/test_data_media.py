@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from data_helpers import tone, write_mp4
-from omnitune.data.media import MediaError, frame_count, load_audio, load_image, load_video
+from data_helpers import png_header, tinted_frame, tone, write_mp4
+from omnitune.data.media import AudioTooLong, MediaError, frame_count, load_audio, load_image, load_video
 
 
 def _av_audio(path, codec, wav, rate):
@@ -97,3 +97,72 @@ def test_undecodable_media_raises_with_the_path(tmp_path, name, loader):
     (tmp_path / name).write_bytes(b"this is not media" * 10)
     with pytest.raises(MediaError, match=name):
         loader(tmp_path / name)
+
+
+def _refuse_decoding(monkeypatch):
+    """Decoding any audio fails the test: what follows must be decided from headers alone."""
+    import av
+
+    def no(*a, **k):
+        raise AssertionError("audio was decoded")
+
+    monkeypatch.setattr(sf.SoundFile, "read", no)
+    monkeypatch.setattr(av, "AudioResampler", no)
+
+
+@pytest.mark.parametrize("fmt", ["flac", "mp3"])
+def test_audio_over_the_limit_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch, fmt):
+    path = tmp_path / f"long.{fmt}"
+    silence = np.zeros(8000 * 90, dtype=np.float32)
+    sf.write(path, silence, 8000) if fmt == "flac" else _av_audio(path, "mp3", silence, 8000)
+    _refuse_decoding(monkeypatch)
+    with pytest.raises(AudioTooLong) as e:
+        load_audio(path, max_seconds=60.0)
+    assert e.value.seconds == pytest.approx(90.0, abs=0.1) and not e.value.at_least
+
+
+def test_decoding_stops_past_the_limit_when_the_header_says_nothing(tmp_path, monkeypatch):
+    import omnitune.data.media as media
+
+    path = tmp_path / "a.m4a"
+    _av_audio(path, "aac", np.zeros(8000 * 10, dtype=np.float32), 8000)
+    monkeypatch.setattr(media, "audio_duration", lambda p: None)  # a header that says nothing
+    with pytest.raises(AudioTooLong) as e:
+        load_audio(path, max_seconds=3.0)
+    assert e.value.at_least and e.value.seconds == 3.0
+    assert len(load_audio(path, max_seconds=20.0)) == pytest.approx(16000 * 10, abs=4096)
+
+
+def test_video_whose_audio_cannot_fit_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = _counting_video(tmp_path / "v.mp4", 24, 4, size=16, audio=np.zeros(16000 * 6, dtype=np.float32))
+    _refuse_decoding(monkeypatch)
+    with pytest.raises(AudioTooLong):
+        load_video(path, 2.0, 8, with_audio=True, max_audio_seconds=4.0)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac"])
+def test_truncated_audio_is_an_error_not_a_shorter_clip(tmp_path, fmt):
+    path = tmp_path / f"a.{fmt}"
+    sf.write(path, tone(440, 2.0, np.random.default_rng(0)), 16000)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(MediaError, match="truncated|cannot decode"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("side", [13000, 100000])  # PIL only warns below twice its limit
+def test_images_over_the_decompression_limit_are_refused_from_the_header(tmp_path, side):
+    (tmp_path / "huge.png").write_bytes(png_header(side, side))  # pixels never written: decoding would fail
+    with pytest.raises(MediaError, match=f"huge.png is too large to decode safely .*{side * side} pixels"):
+        load_image(tmp_path / "huge.png", max_pixels=64 * 64)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_big_images_are_decoded_small_toward_max_pixels(tmp_path, fmt):
+    from PIL import Image
+
+    big = np.kron(tinted_frame("red", np.random.default_rng(0), 64), np.ones((32, 24, 1), np.uint8))
+    Image.fromarray(big).save(tmp_path / f"big.{fmt}")  # 1536 x 2048
+    im = load_image(tmp_path / f"big.{fmt}", max_pixels=64 * 64)
+    assert im.mode == "RGB" and 64 * 64 <= im.width * im.height < 4 * 64 * 64
+    assert abs(im.width / im.height - 1536 / 2048) < 0.05
+    assert load_image(tmp_path / f"big.{fmt}").size == (1536, 2048)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from data_helpers import data_cfg, media_files, processor, tinted_frame, tone, user, write_mp4, write_wav
+from omnitune.data.render import audio_seconds_that_fit, audio_token_count, decode_record, render, render_segments
+from omnitune.data.schema import RecordError, validate_record
 from omnitune.tokens import IGNORE_INDEX
-from omnitune.data.render import audio_token_count, decode_record, render, render_segments
-from omnitune.data.schema import validate_record
 from omnitune.model.tiny import TOKEN_IDS
 
 
@@ -71,6 +71,24 @@ def test_audio_token_count_follows_the_formula_with_no_30s_cut(tmp_path, n):
     mel = n // 160
     assert int((s["input_ids"] == TOKEN_IDS["audio"]).sum()) == 13 * (mel // 100) + -(-(mel % 100) // 8)
     assert int(s["feature_attention_mask"].sum()) == mel  # nothing cut at 30 s
+
+
+@pytest.mark.parametrize("max_length", [17, 64, 1024, 4096, 32768])
+def test_audio_seconds_that_fit_is_the_inverse_of_the_token_count(max_length):
+    n = round(audio_seconds_that_fit(max_length) * 16000)
+    assert audio_token_count(n) <= max_length < audio_token_count(n + 1)
+
+
+def test_a_clip_whose_tokens_alone_exceed_max_length_is_refused_before_decoding(tmp_path):
+    import soundfile as sf
+
+    sf.write(tmp_path / "long.flac", np.zeros(8000 * 20, dtype=np.float32), 8000)
+    rec = _record(tmp_path, [user(("audio", tmp_path / "long.flac")), {"role": "assistant", "content": "ok"}])
+    with pytest.raises(RecordError) as e:
+        decode_record(rec, data_cfg(max_length=64))
+    assert str(e.value) == (f"{tmp_path / 'd.jsonl'}:1: {tmp_path / 'long.flac'}: 20.0 s of audio is ~260 tokens, "
+                            "over data.max_length=64 (shorten or split the clip, or raise data.max_length)")
+    assert len(decode_record(rec, data_cfg(max_length=300)).audios[0]) == 16000 * 20
 
 
 def test_labels_mask_everything_but_assistant_turns(tmp_path):

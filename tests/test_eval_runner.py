@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -37,8 +38,10 @@ def _records(m):
 
 @pytest.fixture(scope="module")
 def eval_file(media, tmp_path_factory):
-    (media / "corrupt.wav").write_bytes(b"RIFF not really a wave file")  # exists, so only decoding fails
-    return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", _records(media))
+    folder = tmp_path_factory.mktemp("eval")
+    shutil.copytree(media, folder / "media")  # media are read only from inside the eval file's folder
+    (folder / "media" / "corrupt.wav").write_bytes(b"RIFF not really a wave file")  # exists, so only decoding fails
+    return write_jsonl(folder / "eval.jsonl", _records(folder / "media"))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +141,7 @@ def test_bad_records_stop_the_run_unless_skipped(lora_run_dir, eval_file, tmp_pa
         evaluate(lora_run_dir, eval_file, "qa", write=False)
     # a file that exists but does not decode is found while rendering, and stops the run as well
     lines = eval_file.read_text().splitlines()
-    only_corrupt = tmp_path / "corrupt.jsonl"
+    only_corrupt = eval_file.parent / "corrupt.jsonl"
     only_corrupt.write_text(lines[1] + "\n" + lines[5] + "\n")
     with pytest.raises(EvalError, match=rf"(?s){re.escape(str(only_corrupt))}:2: .*corrupt.wav.*on_error"):
         evaluate(lora_run_dir, only_corrupt, "qa", write=False)

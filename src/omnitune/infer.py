@@ -83,7 +83,9 @@ def prompt_record(messages: list[dict[str, Any]], variant: str = "instruct",
     if not messages or messages[-1].get("role") != "user":
         raise InferError("the conversation to answer must end with a user turn")
     where = Path(base_dir or Path.cwd()) / "<conversation>"
-    return validate_record({"conversations": messages}, where, 0, variant, require_answer=False)
+    # The person at the terminal names their own files: any local file may be read (serve will confine).
+    return validate_record({"conversations": messages}, where, 0, variant, require_answer=False,
+                           media_roots=[Path("/")])
 
 
 def collate_prompts(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:

@@ -50,6 +50,9 @@ class DataConfig(_Section):
     video_max_pixels: int = Field(128 * 32 * 32, ge=32 * 32, description="per frame")
     image_max_pixels: int = Field(1024 * 32 * 32, ge=32 * 32)
     image_min_pixels: int = Field(4 * 32 * 32, ge=32 * 32)
+    media_roots: list[str] = Field(default_factory=list, description="folders (relative to the recipe file) media "
+                                   "may also be read from; media must resolve inside one of them or inside the "
+                                   "data file's folder")
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
     packing: bool = Field(False, description="padding-free packing: each batch of train.batch_size samples "
@@ -191,6 +194,12 @@ class Recipe(_Section):
         if not v or "/" in v:
             raise ValueError("name must be non-empty and contain no '/'")
         return v
+
+    @model_validator(mode="after")
+    def _media_roots_are_absolute(self) -> "Recipe":
+        # Relative to the recipe file, like data paths; kept absolute so RUN/recipe.yaml means the same anywhere.
+        self.data.media_roots = [str(self.resolve(r)) for r in self.data.media_roots]
+        return self
 
     @model_validator(mode="after")
     def _qlora_needs_the_omnitune_experts(self) -> "Recipe":

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnitune.data.media import MediaError, load_audio, load_image, load_video, video_duration, frame_count
+from omnitune.data.media import (SAMPLE_RATE, AudioTooLong, MediaError, frame_count, load_audio, load_image,
+                                 load_video, video_duration)
 from omnitune.data.schema import Record, RecordError
 from omnitune.recipe import DataConfig
 from omnitune.tokens import IGNORE_INDEX
@@ -42,9 +43,17 @@ def _mel_tokens(mel: int) -> int:
     return 13 * (mel // 100) + math.ceil((mel % 100) / 8)
 
 
+def audio_seconds_that_fit(max_length: int) -> float:
+    """The longest clip whose audio tokens alone fit in max_length (audio_token_count's inverse): a longer one
+    can never fit, so it is refused from its header's duration before it is decoded."""
+    seconds, rest = divmod(max_length, 13)  # 13 tokens per 100 mel frames; the rest ceil(frames / 8)
+    return ((100 * seconds + 8 * rest + 1) * 160 - 1) / SAMPLE_RATE
+
+
 def decode_record(record: Record, data: DataConfig) -> Decoded:
     """Decode every media item of a record; MediaError is turned into a RecordError with file:line."""
     out = Decoded()
+    max_seconds = audio_seconds_that_fit(data.max_length)
     try:
         video_paths = [m.path for m in record.media if m.kind == "video"]
         if video_paths:
@@ -53,17 +62,25 @@ def decode_record(record: Record, data: DataConfig) -> Decoded:
                           for p in video_paths)
         for m in record.media:
             if m.kind == "audio":
-                out.audios.append(load_audio(m.path))
+                out.audios.append(load_audio(m.path, max_seconds))
                 out.audio_from_video.append(None)
             elif m.kind == "image":
-                out.images.append(load_image(m.path))
+                out.images.append(load_image(m.path, data.image_max_pixels))
             else:
                 v = load_video(m.path, out.fps, data.video_max_frames, data.video_max_pixels,
-                               with_audio=data.use_audio_in_video)
+                               with_audio=data.use_audio_in_video, max_audio_seconds=max_seconds)
                 if v.audio is not None:
                     out.audios.append(v.audio)
                     out.audio_from_video.append(len(out.videos))
                 out.videos.append(v.frames)
+    except AudioTooLong as e:
+        if e.at_least:
+            what = f"over {e.seconds:.1f} s of audio, more tokens than data.max_length={data.max_length}"
+        else:
+            what = (f"{e.seconds:.1f} s of audio is ~{audio_token_count(round(e.seconds * SAMPLE_RATE))} tokens, "
+                    f"over data.max_length={data.max_length}")
+        raise RecordError(record.file, record.line, f"{e.path}: {what} (shorten or split the clip, or raise "
+                          "data.max_length)") from None
     except MediaError as e:
         raise RecordError(record.file, record.line, str(e)) from None
     return out

@@ -2,15 +2,18 @@
 
 A record is `{"conversations": [{"role": ..., "content": ...}, ...]}` (../shared/DESIGN.md). Content is a string
 or a list of items `{"type": "text", "text": ...}` / `{"type": "audio"|"image"|"video", "<type>": "path"}`;
-media paths are relative to the data file. Every problem becomes a `RecordError` that says `file:line: reason`.
+media paths are relative to the data file and must resolve (symlinks followed) inside the allowed media roots
+(the data file's folder unless the caller says otherwise), checked before any media file is opened. Every problem,
+bad bytes and absurd nesting included, becomes a `RecordError` that says `file:line: reason`.
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from omnitune.errors import OmnituneError
 
@@ -20,6 +23,10 @@ ROLES = ("system", "user", "assistant")
 # Placeholders the processor expands; a literal one in user text would desynchronise token and feature counts.
 RESERVED = ("<|audio_pad|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>",
             "<|audio_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class UnsafePathError(OmnituneError):
+    """A path that may not be read: it resolves outside every allowed folder, or cannot be resolved at all."""
 
 
 class RecordError(OmnituneError):
@@ -53,37 +60,56 @@ class Record:
         return sum(m["role"] == "assistant" for m in self.messages)
 
 
-def read_records(path: str | Path, variant: str = "instruct") -> Iterator[Record | RecordError]:
-    """Yield each record of a JSONL file or JSON list, validated; a bad one is yielded as its RecordError."""
+def read_records(path: str | Path, variant: str = "instruct",
+                 media_roots: Sequence[str | Path] | None = None) -> Iterator[Record | RecordError]:
+    """Yield each record of a JSONL file or JSON list, validated; a bad one is yielded as its RecordError.
+
+    media_roots: the folders media may resolve inside (default: the data file's folder)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise RecordError(path, 0, "data file not found") from None
-    except UnicodeDecodeError as e:
-        raise RecordError(path, 0, f"not UTF-8 text: {e}") from None
-    for line, raw in _json_values(path, text):
+    for line, raw in _json_values(path, data):
         if isinstance(raw, RecordError):
             yield raw
             continue
         try:
-            yield validate_record(raw, path, line, variant)
+            yield validate_record(raw, path, line, variant, media_roots=media_roots)
         except RecordError as e:
             yield e
 
 
-def _json_values(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _json_list(path, text)
+_TOO_DEEP = "nested too deeply to read (over ~1000 levels of lists/objects)"
+
+
+def _json_values(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
+    if data.lstrip()[:1] == b"[":
+        yield from _json_list(path, _utf8(path, data))  # a list is decoded whole: bad bytes fail the file
         return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    # JSONL is decoded line by line, so one bad line is one bad record.
+    for i, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            yield i, json.loads(line)
+            yield i, json.loads(_utf8(path, raw, i))
+        except RecordError as e:
+            yield i, e
         except json.JSONDecodeError as e:
             yield i, RecordError(path, i, f"bad JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            yield i, RecordError(path, i, _TOO_DEEP)
+
+
+def _utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+    """`data` decoded as UTF-8, or a RecordError at the line and column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise RecordError(path, line, f"not UTF-8 text: byte {data[e.start]:#04x} at column {column} "
+                                      "(save the file as UTF-8)") from None
 
 
 def _json_list(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -95,12 +121,15 @@ def _json_list(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         if pos < len(text) and text[pos] == "]":
             return
         line = text.count("\n", 0, pos) + 1
+        # The rest of a JSON list cannot be located after a bad value: report it and stop.
         try:
             value, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            # The rest of a JSON list cannot be located after a syntax error: report it and stop.
             yield e.lineno, RecordError(path, e.lineno, f"bad JSON: {e.msg} (column {e.colno}); "
                                                         "the rest of this JSON list cannot be read")
+            return
+        except RecursionError:
+            yield line, RecordError(path, line, f"{_TOO_DEEP}; the rest of this JSON list cannot be read")
             return
         yield line, value
         pos = _skip_ws(text, pos)
@@ -119,10 +148,11 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instruct",
-                    require_answer: bool = True) -> Record:
+                    require_answer: bool = True, media_roots: Sequence[str | Path] | None = None) -> Record:
     """Check one decoded JSON value; return it as a Record or raise RecordError.
 
-    require_answer=False accepts a conversation ending in a user turn (a prompt for generation)."""
+    require_answer=False accepts a conversation ending in a user turn (a prompt for generation).
+    media_roots: the folders media may resolve inside (default: the folder of `file`)."""
     def fail(reason: str) -> RecordError:
         return RecordError(file, line, reason)
 
@@ -132,6 +162,7 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
     if not turns:
         raise fail("'conversations' is empty")
     base = Path(file).resolve().parent
+    roots = [base] if media_roots is None else list(media_roots)
     messages: list[dict[str, Any]] = []
     media: list[Media] = []
     prev = None
@@ -141,7 +172,7 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
             raise fail(f"{where}: a turn is an object with 'role' and 'content'")
         role = turn["role"]
         if role not in ROLES:
-            raise fail(f"{where}: unknown role {role!r} (roles: {', '.join(ROLES)})")
+            raise fail(f"{where}: unknown role {reprlib.repr(role)} (roles: {', '.join(ROLES)})")
         if role == "system" and i != 0:
             raise fail(f"{where}: a system turn may only come first")
         if role == "assistant" and prev != "user":
@@ -151,7 +182,7 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
         if role == "assistant":
             messages.append(_assistant(turn, where, variant, fail))
         else:
-            content = _content(turn["content"], role, where, base, media, fail)
+            content = _content(turn["content"], role, where, base, roots, media, fail)
             messages.append({"role": role, "content": content})
         prev = role
     if prev != "assistant" and (require_answer or prev != "user"):
@@ -159,7 +190,8 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
     return Record(str(file), line, messages, media)
 
 
-def _content(content: Any, role: str, where: str, base: Path, media: list[Media], fail) -> str | list[dict]:
+def _content(content: Any, role: str, where: str, base: Path, roots: list, media: list[Media],
+             fail) -> str | list[dict]:
     if isinstance(content, str):
         _check_reserved(content, where, fail)
         return content
@@ -169,7 +201,8 @@ def _content(content: Any, role: str, where: str, base: Path, media: list[Media]
     for item in content:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind not in CONTENT_TYPES:
-            raise fail(f"{where}: unsupported content type {kind!r} (supported: {', '.join(CONTENT_TYPES)})")
+            raise fail(f"{where}: unsupported content type {reprlib.repr(kind)} "
+                       f"(supported: {', '.join(CONTENT_TYPES)})")
         if kind == "text":
             if not isinstance(item.get("text"), str):
                 raise fail(f"{where}: a text item needs a string 'text'")
@@ -181,13 +214,35 @@ def _content(content: Any, role: str, where: str, base: Path, media: list[Media]
             raise fail(f"{where}: a {kind} item needs a file path in '{kind}'")
         if "://" in ref:
             raise fail(f"{where}: {kind} {ref!r} is a URL; download it and give a local path")
-        p = Path(ref).expanduser()
-        p = p if p.is_absolute() else base / p
-        if not p.is_file():
+        try:
+            p = confine(base / Path(ref).expanduser(), roots)
+            found = p.is_file()
+        except UnsafePathError as e:
+            raise fail(f"{where}: {kind} {e}; media must be files inside the data file's folder or a folder "
+                       "listed in data.media_roots") from None
+        except (OSError, RuntimeError) as e:  # a name too long for the file system, an unknown ~user
+            raise fail(f"{where}: {kind} {ref[:200]!r} cannot be used: {str(e)[:200]}") from None
+        if not found:
             raise fail(f"{where}: {kind} file not found: {p}")
         media.append(Media(kind, p))
         items.append({"type": kind, kind: str(p)})
     return items
+
+
+def confine(path: str | Path, roots: Sequence[str | Path]) -> Path:
+    """`path` resolved (symlinks followed) if it lies inside one of `roots`, else UnsafePathError.
+
+    Data and requests name files; only the folders their owner chose may be read (no `../`, absolute path or
+    symlink out of them). Check before opening: the resolved path is the one to open."""
+    try:
+        real = Path(path).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+        raise UnsafePathError(f"{str(path)[:200]!r} cannot be resolved: {e}") from None
+    allowed = [Path(r).resolve() for r in roots]
+    if any(real.is_relative_to(r) for r in allowed):
+        return real
+    raise UnsafePathError(f"{str(path)[:200]!r} resolves to {real}, outside the allowed folders "
+                          f"({', '.join(map(str, allowed))})")
 
 
 def _check_reserved(text: str, where: str, fail) -> None:
@@ -206,8 +261,8 @@ def _assistant(turn: dict, where: str, variant: str, fail) -> dict[str, Any]:
                 raise fail(f"{where}: audio in an assistant turn is not supported yet (voice training); "
                            "assistant turns are text only")
             if kind != "text":
-                raise fail(f"{where}: unsupported content type {kind!r} in an assistant turn (assistant turns "
-                           "are text only)")
+                raise fail(f"{where}: unsupported content type {reprlib.repr(kind)} in an assistant turn "
+                           "(assistant turns are text only)")
             if not isinstance(item.get("text"), str):
                 raise fail(f"{where}: a text item needs a string 'text'")
             parts.append(item["text"])

@@ -56,13 +56,14 @@ def prompt_text(record: Record) -> str:
     return ""
 
 
-def read_eval_records(path: str | Path, variant: str,
-                      limit: int | None = None) -> tuple[list[Record], list[RecordError]]:
-    """(records, bad) from an eval file: every unreadable or invalid record is in `bad`, with file:line."""
+def read_eval_records(path: str | Path, variant: str, limit: int | None = None,
+                      media_roots: list[str] = ()) -> tuple[list[Record], list[RecordError]]:
+    """(records, bad) from an eval file: every unreadable or invalid record is in `bad`, with file:line. Media
+    must resolve inside the eval file's folder or `media_roots` (the recipe's data.media_roots)."""
     good: list[Record] = []
     bad: list[RecordError] = []
     try:
-        for item in read_records(path, variant):
+        for item in read_records(path, variant, [Path(path).resolve().parent, *media_roots]):
             if isinstance(item, RecordError):
                 bad.append(item)
             else:
@@ -192,7 +193,7 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
     on_error = on_error or src.data.on_error
     if on_error not in ("fail", "skip"):
         raise EvalError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
-    records, bad = read_eval_records(eval_path, src.variant, limit)
+    records, bad = read_eval_records(eval_path, src.variant, limit, src.data.media_roots)
     if bad and on_error == "fail":
         raise EvalError(f"{len(bad)} bad record(s) in {eval_path}:\n  " + "\n  ".join(map(str, bad[:10]))
                         + ("\n  ..." if len(bad) > 10 else "")
