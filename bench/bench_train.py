@@ -71,10 +71,12 @@ def write_conversations(path: Path, tokenizer, n: int, seq: int, seed: int) -> i
 
 
 class StepClock:
-    """Host times at each optimizer step's end (synchronised at the two ends of the timed window) and the peak."""
+    """Host times at each optimizer step's end (synchronised at the two ends of the timed window) and the peak; with
+    `profile`, one more optimizer step after the window under torch's profiler: how much of it the GPU was busy."""
 
-    def __init__(self, warmup: int, steps: int):
+    def __init__(self, warmup: int, steps: int, profile: bool = False):
         self.warmup, self.steps, self.marks, self.window = warmup, steps, [], None
+        self.profile, self.profiler, self.profile_result = profile, None, None
 
     def hook(self):
         from transformers import TrainerCallback
@@ -92,11 +94,40 @@ class StepClock:
                 clock.marks.append(time.perf_counter())
                 if state.global_step == clock.steps:
                     clock.window = clock.marks[-1] - clock.marks[clock.warmup - 1]
+                    if clock.profile:
+                        clock.start_profile()
+                elif state.global_step == clock.steps + 1 and clock.profiler is not None:
+                    clock.stop_profile()
 
         return Callback()
 
+    def start_profile(self):
+        from torch.profiler import ProfilerActivity, profile
 
-def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, warmup: int) -> dict:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+        self.profiler = profile(activities=activities)
+        self.profiler.__enter__()
+        self.t0 = time.perf_counter()
+
+    def stop_profile(self):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - self.t0)
+        self.profiler.__exit__(None, None, None)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in self.profiler.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy, end = 0.0, float("-inf")  # the union of kernel intervals, in us
+        for a, b in spans:
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                                   max_name_column_width=70)
+        self.profile_result = dict(wall_ms=wall_ms, gpu_busy_ms=busy / 1e3, cpu_table=table)
+        self.profiler = None
+
+
+def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, warmup: int,
+          profile: bool = False) -> dict:
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     from omnitune.model.load import load_processor
@@ -105,12 +136,13 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
 
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     os.environ.setdefault("OMNITUNE_CACHE", str(work / "cache"))
+    total_steps = steps + 1 if profile else steps
     recipe = load_recipe("instruct", [*BASE, *RUNS.get(name, []), *overrides, f"output_dir={work / 'run'}",
-                                      f"train.max_steps={steps}"])
+                                      f"train.max_steps={total_steps}"])
     processor = load_processor(recipe.model)
-    longest = write_conversations(work / "train.jsonl", processor.tokenizer, steps, seq, seed=0)
+    longest = write_conversations(work / "train.jsonl", processor.tokenizer, total_steps, seq, seed=0)
     recipe = load_recipe("instruct", [*BASE, *RUNS.get(name, []), *overrides, f"output_dir={work / 'run'}",
-                                      f"train.max_steps={steps}", f"data.train={work / 'train.jsonl'}",
+                                      f"train.max_steps={total_steps}", f"data.train={work / 'train.jsonl'}",
                                       f"data.max_length={max(longest, seq)}"])
     t0 = time.time()
     cfg = thinker_config(layers)
@@ -122,8 +154,9 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
         register_experts_implementation("omnitune")
     thinker.set_experts_implementation(recipe.model.experts)
     build_s = time.time() - t0
-    clock = StepClock(warmup, steps)
+    clock = StepClock(warmup, steps, profile)
     original = train_run.OmniTrainer.__init__
+    train_run.save_final = lambda *args, **kwargs: None  # after the timed steps: writing GBs of adapter measures disks
 
     def with_clock(self, *args, **kwargs):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock.hook()]
@@ -143,12 +176,14 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0,
                 step_intervals_ms=intervals, build_s=build_s, graphs=trainer.graph_summary(),
                 plan=plan.lines(), rank=recipe.adapter.rank, method=recipe.adapter.method,
-                trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
+                trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+                profile=clock.profile_result)
 
 
 def spawn(name: str, overrides: list[str], args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--seq", str(args.seq), "--layers", str(args.layers),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), *[a for o in overrides for a in ("--set", o)]]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *[a for o in overrides for a in ("--set", o)],
+           *(["--profile", "1"] if name in args.profile.split(",") else [])]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -190,9 +225,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], help="recipe override for every run")
     ap.add_argument("--timeout", type=int, default=420)
+    ap.add_argument("--profile", default="", help="runs to profile one extra step of (GPU busy time, host ops)")
     args = ap.parse_args()
     if args.child:
-        result = child(args.child, args.set, args.seq, args.layers, args.steps, args.warmup)
+        result = child(args.child, args.set, args.seq, args.layers, args.steps, args.warmup, args.profile == "1")
         print("RESULT " + json.dumps(result), flush=True)
         return
     import peft
@@ -206,6 +242,10 @@ def main() -> None:
     results = []
     for name in args.runs.split(","):
         results.append(spawn(name, args.set, args))
+        prof = results[-1].get("profile") or {}
+        if prof:
+            (out_dir / f"profile_{name}.txt").write_text(prof.pop("cpu_table"))
+            print(f"{name}: profiled step {prof['wall_ms']:.1f} ms, GPU busy {prof['gpu_busy_ms']:.1f} ms", flush=True)
         print(json.dumps(results[-1]), flush=True)
         (out_dir / "bench_train.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
     print(table(results))

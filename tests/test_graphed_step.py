@@ -236,3 +236,25 @@ def test_graphed_step_projects_only_the_trained_positions_onto_the_vocabulary(se
     padded_positions = batch["labels"].shape[0] * (-(-batch["labels"].shape[1] // 16) * 16 - 1)
     assert seen == [-(-trained // 16) * 16] and seen[0] < padded_positions
 
+
+
+def test_the_collators_host_counts_give_the_same_graph_inputs_without_reading_the_gpu(setup):
+    """With `trained_tokens` and `right_padded` from the collator the prefix reads nothing back (on a GPU, a wait
+    for the previous step); the graph's inputs must be exactly those of the read-back path."""
+    samples, model, _ = setup
+    thinker = model.base_model.model
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad], bucket=64)
+    for packing in (False, True):
+        plain = OmniCollator(0, {"text": 1.0, "audio": 0.8, "vision": 0.9}, packing=packing)(samples)
+        counted = OmniCollator(0, {"text": 1.0, "audio": 0.8, "vision": 0.9}, packing=packing,
+                               host_counts=True)(samples)
+        assert counted["trained_tokens"] == int((plain["labels"][:, 1:] != -100).sum())
+        args = []
+        for batch in (plain, counted):
+            batch = dict(batch)
+            pos = packed_position_ids(step.backbone, batch, *[batch.pop(k) for k in PACKED_KEYS]) \
+                if packing else None
+            args.append(step.prepare(batch, pos, None))
+        assert len(args[0]) == len(args[1])
+        for a, b in zip(*args):
+            assert torch.equal(a, b)

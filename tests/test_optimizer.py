@@ -93,4 +93,4 @@ def test_on_cuda_the_trainer_picks_it_and_it_matches_torch_adamw(tmp_path):
     resumed = cls(groups(params), lr=1e-3, weight_decay=0.05)  # from the fused AdamW's checkpoint
     resumed.load_state_dict(optimizers[2].state_dict())
     assert all(s["step"].device.type == "cpu" and s["step"].item() == 4 for s in resumed.state.values())
-    assert all(resumed._kernel_params(group) for group in resumed.param_groups)
+    assert all(resumed._kernel_params(i, group) for i, group in enumerate(resumed.param_groups))

@@ -67,7 +67,8 @@ def test_the_kernels_compile_for_an_h100():
     from omnitune.kernels.adamw import _kernel as adamw_kernel
 
     compile_for_h100(adamw_kernel(), {"addresses": "*i64", "block_tensor": "*i32", "block_start": "*i64",
-                                      "numels": "*i64", **dict.fromkeys(("keep", "w1", "beta2", "w2", "eps",
+                                      "numels": "*i64", "skip": "*i32",
+                                      **dict.fromkeys(("keep", "w1", "beta2", "w2", "eps",
                                                                          "step_size", "bias2_sqrt"), "fp32")},
                      {"BLOCK": ADAMW_BLOCK})
 
@@ -250,5 +251,18 @@ resumed.step()
 b.step()
 for x, y in zip(mine, theirs):
     torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-6, atol=1e-7)
+
+# a step skipped on the device (train/guard.py's flag): nothing changes, and reconcile() gives the count back
+before = [x.detach().clone() for x in mine]
+moments = [a.state[x]["exp_avg"].clone() for x in mine]
+steps = [a.state[x]["step"].item() for x in mine]
+for x in mine:
+    x.grad = torch.full_like(x, float("nan"))
+a.skip_if = torch.ones((), dtype=torch.int32)
+a.step()
+assert all(torch.equal(x.detach(), b) for x, b in zip(mine, before))
+assert all(torch.equal(a.state[x]["exp_avg"], m) for x, m in zip(mine, moments))
+assert a.reconcile() == 1 and a.reconcile() == 0
+assert [a.state[x]["step"].item() for x in mine] == steps  # as before the skipped step
 print("ok")
 """)

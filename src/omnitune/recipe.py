@@ -147,6 +147,8 @@ class TrainConfig(_Section):
                               "CUDA graph where the batch allows (train/graphed_step.py); same results, fewer launches")
     graph_bucket: int = Field(512, gt=0, description="with cuda_graphs: pad each batch to a multiple of this many "
                               "tokens, so a run captures few graphs")
+    nonfinite_patience: int = Field(3, gt=0, description="stop after this many optimizer steps in a row whose loss "
+                                    "or gradients were not finite (each is skipped, the weights left as they were)")
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)

@@ -34,19 +34,31 @@ def sample_weight(modalities, weights: Mapping[str, float]) -> float:
     return sum(float(weights[m]) for m in inputs) / len(inputs)
 
 
+# Python values a training batch carries beside its tensors (`host_counts`), popped before the model sees the batch.
+HOST_KEYS = ("trained_tokens", "right_padded")
+
+
 class OmniCollator:
     """Pad (or, with `packing`, pack) and concatenate rendered samples into one model batch."""
 
-    def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any = None, packing: bool = False):
-        """`loss_weights` None: no `sample_weight` (scoring and generation weigh every sample alike)."""
+    def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any = None, packing: bool = False,
+                 host_counts: bool = False):
+        """`loss_weights` None: no `sample_weight` (scoring and generation weigh every sample alike).
+        `host_counts`: also `trained_tokens` (int) and, for padded batches, `right_padded` (True): what the trainer
+        would otherwise read back from the GPU every step (train/graphed_step.py)."""
         self.pad_token_id = pad_token_id
         if hasattr(loss_weights, "model_dump"):
             loss_weights = loss_weights.model_dump()
         self.weights = None if loss_weights is None else dict(loss_weights)
         self.packing = packing
+        self.host_counts = host_counts
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self._packed_tokens(samples) if self.packing else self._padded_tokens(samples)
+        if self.host_counts:
+            batch["trained_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if not self.packing:
+                batch["right_padded"] = True  # `_padded_tokens` pads at the end of each row
         batch.update(media_batch(samples))
         batch["use_audio_in_video"] = any(bool(s.get("use_audio_in_video")) for s in samples)
         if self.weights is None:

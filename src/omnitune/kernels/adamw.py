@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from omnitune.transfer import to_device
+
 BLOCK = 1024  # values per program; 4 warps (the fastest of the block shapes tried on the H200)
 
 
@@ -25,12 +27,13 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def adamw_kernel(addresses, block_tensor, block_start, numels, keep, w1, beta2, w2, eps, step_size, bias2_sqrt,
-                     BLOCK: tl.constexpr):
+    def adamw_kernel(addresses, block_tensor, block_start, numels, skip, keep, w1, beta2, w2, eps, step_size,
+                     bias2_sqrt, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         idx = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-        mask = idx < tl.load(numels + t)
+        # a set skip flag masks every load and store: the step is a no-op decided on the device, no host sync
+        mask = (idx < tl.load(numels + t)) & (tl.load(skip) == 0)
         p_ptr = tl.load(addresses + 4 * t).to(tl.pointer_type(tl.float32))
         g_ptr = tl.load(addresses + 4 * t + 1).to(tl.pointer_type(tl.float32))
         m_ptr = tl.load(addresses + 4 * t + 2).to(tl.pointer_type(tl.float32))
@@ -73,33 +76,38 @@ class _Tables:
             block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
             first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
             block_start = (torch.arange(int(counts.sum())) - first) * BLOCK
-            blocks = self.blocks[(numels, device)] = tuple(_to_device(t, device)
+            blocks = self.blocks[(numels, device)] = tuple(to_device(t, device)
                                                            for t in (block_tensor, block_start, sizes))
         key = tuple(t.data_ptr() for group in zip(*operands) for t in group)  # per tensor: p, g, m, v
         addresses = self.addresses.get(key)
         if addresses is None:
             if len(self.addresses) >= self.capacity:
                 self.addresses.pop(next(iter(self.addresses)))
-            addresses = self.addresses[key] = _to_device(torch.tensor(key, dtype=torch.int64), device)
+            addresses = self.addresses[key] = to_device(torch.tensor(key, dtype=torch.int64), device)
         return (addresses, *blocks)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-to-device copy that does not wait for the GPU (pinned source; the host allocator keeps it alive)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 _TABLES = _Tables()
 
 
+_NEVER: dict[torch.device, torch.Tensor] = {}  # per device, a skip flag that is never set
+
+
 def adamw_update_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                   exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, step: int) -> None:
-    """One AdamW step in place over contiguous fp32 tensors that share `step` (already incremented, >= 1)."""
+                  weight_decay: float, step: int, skip: torch.Tensor | None = None) -> None:
+    """One AdamW step in place over contiguous fp32 tensors that share `step` (already incremented, >= 1).
+    `skip`: an int32 flag on the device; when non-zero the kernel changes nothing (a step skipped without the host
+    reading the flag)."""
     if not params:
         return
+    device = params[0].device
+    if skip is None:
+        skip = _NEVER.get(device)
+        if skip is None:
+            skip = _NEVER[device] = torch.zeros((), dtype=torch.int32, device=device)
     addresses, block_tensor, block_start, numels = _TABLES.get([params, grads, exp_avgs, exp_avg_sqs])
     _kernel()[(block_tensor.numel(),)](
         # the scalars rounded once from float64, as torch's kernels receive them (1 - 0.9 in fp32 is one ulp off)
-        addresses, block_tensor, block_start, numels, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps,
-        lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, BLOCK=BLOCK, num_warps=4)
+        addresses, block_tensor, block_start, numels, skip, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
+        eps, lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, BLOCK=BLOCK, num_warps=4)

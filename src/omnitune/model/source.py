@@ -8,6 +8,7 @@ eval, infer, export (and serve) load through here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,12 +100,38 @@ def load_generation_processor(src: Source):
     return load_processor(src.model, str(src.processor_dir) if saved else None)
 
 
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str | Path) -> None:
+    """Refuse trained weights with NaN or inf in them (a run that diverged): they would answer with garbage."""
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise SourceError(f"{where}: {len(bad)} tensor(s) hold non-finite values (NaN or inf), e.g. {bad[0]}: the "
+                          "run diverged. Train again with a lower train.lr, or use one of its earlier checkpoints "
+                          "(RUN/checkpoints/checkpoint-N)")
+
+
+def _adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """A run's LoRA adapter on `model` (unmerged), its values checked first."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(adapter_dir).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            check_finite(((k, f.get_tensor(k)) for k in f.keys()), adapter_dir)
+    return load_adapter(model, str(adapter_dir))
+
+
+def _trained_thinker(src: Source, device_map: str | dict | None) -> torch.nn.Module:
+    """A full fine-tune's Thinker, its values checked."""
+    thinker = load_thinker(src.model, str(src.weights[1]), device_map=device_map)  # type: ignore[index]
+    check_finite(thinker.named_parameters(), src.weights[1])  # type: ignore[index]
+    return thinker
+
+
 def apply_weights(thinker: torch.nn.Module, src: Source, merge: bool) -> torch.nn.Module:
     """The source's LoRA on `thinker` (merged, or left as a PeftModel); a full fine-tune is loaded elsewhere."""
     kind, wdir = src.weights  # type: ignore[misc]
     if kind == "model":
         return thinker  # handled at load time
-    peft = load_adapter(thinker, str(wdir))
+    peft = _adapter(thinker, wdir)
     return peft.merge_and_unload() if merge else peft
 
 
@@ -113,7 +140,7 @@ def with_trained_thinker(full: torch.nn.Module, src: Source, device_map: str | d
     a LoRA is merged into it."""
     if src.weights and src.weights[0] == "model":
         del full.thinker  # free the base Thinker before loading the fine-tuned one
-        full.thinker = load_thinker(src.model, str(src.weights[1]), device_map=device_map)
+        full.thinker = _trained_thinker(src, device_map)
     elif src.weights:
         full.thinker = apply_weights(full.thinker, src, merge=True)
     return full
@@ -130,8 +157,9 @@ def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | 
         device = "cuda:0" if device_map is not None and torch.cuda.is_available() else "cpu"
         return _quantized_thinker(src, device).eval()
     if not speech:
-        path = str(weights[1]) if weights and weights[0] == "model" else None
-        thinker = load_thinker(src.model, path, device_map=device_map)
+        if weights and weights[0] == "model":
+            return _trained_thinker(src, device_map).eval()
+        thinker = load_thinker(src.model, device_map=device_map)
         return (apply_weights(thinker, src, merge) if weights else thinker).eval()
     full = load_full(src.model, device_map=device_map)
     if not getattr(full, "has_talker", False):
@@ -159,7 +187,7 @@ def _quantized_thinker(src: Source, device: str) -> torch.nn.Module:
 
     model = load_thinker(src.model, device_map=None).requires_grad_(False)  # for generation: nothing trains
     if src.weights is not None:
-        model = load_adapter(model, str(src.weights[1]))
+        model = _adapter(model, src.weights[1])
     quantize_experts(model, device=device)
     if src.weights is not None:
         kernels.enable_fast_lora(model)

@@ -25,11 +25,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.masking_utils import create_causal_mask
 
-from omnitune.train.cuda_graph import GraphCaptureError, GraphedGrads
 from omnitune.kernels.loss import chunked_linear_cross_entropy
 from omnitune.model import parts
 from omnitune.tokens import IGNORE_INDEX
+from omnitune.train.cuda_graph import GraphCaptureError, GraphedGrads
 from omnitune.train.loss import weighted_loss
+from omnitune.transfer import scalar
 
 VISION_KEYS = ("pixel_values", "pixel_values_videos")
 ALL_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -152,35 +153,37 @@ class GraphedTrainStep:
 
     def prepare(self, inputs: dict, position_ids: torch.Tensor | None,
                 num_items: torch.Tensor | int | None) -> list[torch.Tensor]:
-        """The eager prefix: the graph's tensor inputs for this batch, padded to the bucket length."""
+        """The eager prefix: the graph's tensor inputs for this batch, padded to the bucket length. With the
+        collator's host counts (`trained_tokens`, `right_padded`) nothing here waits for the GPU."""
         ids, labels = inputs["input_ids"], inputs["labels"]
         attention_mask = inputs.get("attention_mask")
-        model = self.backbone
-        if position_ids is None and attention_mask is None:
-            position_ids = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape)
         if position_ids is None:
-            fmask = inputs.get("feature_attention_mask")
-            position_ids = model.compute_3d_position_ids(
-                input_ids=ids, image_grid_thw=None, video_grid_thw=None, inputs_embeds=None,
-                attention_mask=attention_mask, past_key_values=None, use_audio_in_video=False,
-                audio_feature_lengths=None if fmask is None else fmask.sum(1), video_second_per_grid=None)
+            # no images or video reach the graph: text and audio tokens take the text positions on all three M-RoPE
+            # axes (get_rope_index's rule), from the mask's running count (padding: 1, as transformers sets it)
+            if attention_mask is None:
+                position_ids = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape)
+            else:
+                mask = attention_mask.long()
+                position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1).expand(3, *ids.shape)
         length = -(-ids.shape[1] // self.bucket) * self.bucket
         embeds = pad_to_bucket(self._embed(inputs), length, 0.0, dim=1)
         labels = pad_to_bucket(labels, length, IGNORE_INDEX)
         # Padding at the end of a row is invisible to that row's real tokens under causal attention, so it needs
         # no mask of its own: a right-padded batch (our collator's) runs as plain causal attention, the path the
         # bench measures, and a packed row's tail continues its last sample's positions (no extra sample).
-        # The trained positions' count sizes the head's input (`trained_rows`): read back here, with the
-        # right-padding test when there is a mask (one read-back for both).
+        # The trained positions' count sizes the head's input (`trained_rows`): from the collator's host count, or
+        # read back here with the right-padding test when there is a mask (one read-back for both).
         trained = (labels[:, 1:] != IGNORE_INDEX).sum()
+        count, right_padded = inputs.get("trained_tokens"), inputs.get("right_padded")
         if attention_mask is None:
             step = torch.arange(1, length - ids.shape[1] + 1, device=ids.device, dtype=position_ids.dtype)
             position_ids = torch.cat([position_ids, position_ids[..., -1:] + step], dim=-1)
-            count = int(trained)
+            count = int(trained) if count is None else count
         else:
             position_ids = pad_to_bucket(position_ids, length, 1)
-            right_padded, count = torch.stack([(attention_mask[:, 1:] <= attention_mask[:, :-1]).all().long(),
-                                               trained]).tolist()
+            if count is None or right_padded is None:
+                right_padded, count = torch.stack([(attention_mask[:, 1:] <= attention_mask[:, :-1]).all().long(),
+                                                   trained]).tolist()
             attention_mask = None if right_padded else pad_to_bucket(attention_mask, length, 0)
         text_pos = position_ids[0] if position_ids.shape[0] == 4 else None
         # the mask the language model would build, built here: its checks read values back to the host
@@ -193,7 +196,9 @@ class GraphedTrainStep:
         weights = weights.float() if weights is not None else embeds.new_zeros(0, dtype=torch.float32)
         if num_items is None:
             num_items = trained
-        num_items = torch.as_tensor(num_items, device=embeds.device, dtype=torch.float32)
+        elif not torch.is_tensor(num_items):
+            num_items = scalar(num_items, embeds.device)
+        num_items = num_items.to(embeds.device, torch.float32)
         rows, row_labels = trained_rows(labels, self.head_rows(tuple(labels.shape), count))
         args = [embeds, position_ids, labels, weights, num_items, rows, row_labels]
         return args + ([mask] if mask is not None else [])

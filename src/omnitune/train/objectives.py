@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
+from omnitune.data.collate import HOST_KEYS
 from omnitune.model import parts
 from omnitune.tokens import IGNORE_INDEX
 from omnitune.train.loss import token_losses, weighted_loss
@@ -30,7 +31,7 @@ PACKED_KEYS = ("seq_lengths", "image_counts", "video_counts", "audio_counts")
 class Objective(Protocol):
     name: str
 
-    def count(self, batch: dict[str, Any]) -> torch.Tensor: ...
+    def count(self, batch: dict[str, Any]) -> torch.Tensor | int: ...
 
     def loss(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
              micro_steps: int = 1) -> torch.Tensor: ...
@@ -58,7 +59,9 @@ class ThinkerLM:
             self._parts[id(model)] = thinker, parts.module(thinker, "backbone"), parts.module(thinker, "lm_head")
         return self._parts[id(model)]
 
-    def count(self, batch: dict[str, Any]) -> torch.Tensor:
+    def count(self, batch: dict[str, Any]) -> torch.Tensor | int:
+        if "trained_tokens" in batch:  # the collator's host count: no read of the GPU
+            return batch["trained_tokens"]
         return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
 
     def loss(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
@@ -68,7 +71,7 @@ class ThinkerLM:
     def loss_and_outputs(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
                          micro_steps: int = 1) -> tuple[torch.Tensor, Any]:
         """The loss and the Thinker backbone's outputs (hidden states, router logits) it was computed from."""
-        inputs = dict(batch)
+        inputs = {k: v for k, v in batch.items() if k not in HOST_KEYS}
         labels = inputs.pop("labels")
         sample_weight = inputs.pop("sample_weight", None)
         thinker, backbone, head = self._resolve(model)

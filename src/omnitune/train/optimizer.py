@@ -27,12 +27,20 @@ def kernel_applies(params: Iterable[torch.Tensor]) -> bool:
 
 
 class MultiTensorAdamW(torch.optim.AdamW):
-    """`torch.optim.AdamW` with the multi-tensor Triton step where it applies (module docstring)."""
+    """`torch.optim.AdamW` with the multi-tensor Triton step where it applies (module docstring).
+
+    `skip_if`: a flag tensor (set by train/guard.py before each step) that makes a step a no-op when non-zero. On
+    the kernel path the kernel reads it on the device, so no step waits for the GPU to say whether it may run; the
+    host still counts the step, and `reconcile()` (called where the host reads the GPU anyway) takes the skipped
+    ones back off the step counts. Elsewhere the flag is read before torch's step."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, **kwargs):
         kwargs.pop("fused", None)  # HF's adamw_torch_fused asks for it; this step replaces torch's fused one
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        self.skip_if: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, list[dict]]] = []  # device-skippable steps not yet reconciled
+        self._eligible: dict[int, tuple[int, ...]] = {}  # per group: the params whose tensors passed the checks
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Also a checkpoint of torch's fused AdamW, whose step counts live on the GPU: moved to the host once here,
@@ -41,19 +49,27 @@ class MultiTensorAdamW(torch.optim.AdamW):
         for state in self.state.values():
             if torch.is_tensor(state.get("step")) and state["step"].device.type != "cpu":
                 state["step"] = state["step"].cpu()
+        self._eligible.clear()
 
-    def _kernel_params(self, group: dict) -> list[torch.Tensor] | None:
-        """The group's parameters with gradients, or None where the kernel does not apply to the group."""
+    def _kernel_params(self, index: int, group: dict) -> list[torch.Tensor] | None:
+        """The group's parameters with gradients, or None where the kernel does not apply to the group. Parameters
+        and their states keep their dtype, device and layout: checked once while the same parameters step
+        together; gradients (new tensors on eager steps) every step."""
         if any(group.get(k, v) != v for k, v in _PLAIN.items()) or torch.is_tensor(group["lr"]):
             return None
         params = [p for p in group["params"] if p.grad is not None]
-        tensors = [p.data for p in params] + [p.grad for p in params] + [
-            t for p in params for k, t in self.state[p].items() if k != "step"]
-        if params and not kernel_applies(tensors):
-            return None
-        if any(self.state[p] and self.state[p]["step"].device.type != "cpu" for p in params):
-            return None  # its value is read on the host: that would wait for the GPU
-        return params
+        if not params:
+            return params
+        ids = tuple(map(id, params))
+        if self._eligible.get(index) != ids:
+            tensors = [p.data for p in params] + [t for p in params for k, t in self.state[p].items() if k != "step"]
+            if not kernel_applies(tensors):
+                return None
+            if any(self.state[p] and self.state[p]["step"].device.type != "cpu" for p in params):
+                return None  # its value is read on the host: that would wait for the GPU
+            if all(self.state[p] for p in params):  # states exist from the first step on: cache from then
+                self._eligible[index] = ids
+        return params if kernel_applies([p.grad for p in params] + [params[0]]) else None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -61,9 +77,10 @@ class MultiTensorAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = [self._kernel_params(group) for group in self.param_groups]
+        groups = [self._kernel_params(i, group) for i, group in enumerate(self.param_groups)]
         if any(params is None for params in groups):
-            super().step()
+            if self.skip_if is None or not bool(self.skip_if):  # torch's step: the host must know first
+                super().step()
             return loss
         for group, params in zip(self.param_groups, groups):
             if not params:
@@ -76,6 +93,8 @@ class MultiTensorAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             steps = [state["step"] for state in states]
             torch._foreach_add_(steps, 1)
+            if self.skip_if is not None:
+                self._pending.append((self.skip_if, states))
             by_step: dict[int, list[int]] = {}  # parameters whose step counts differ (some skipped steps) apart
             for i, s in enumerate(steps):
                 by_step.setdefault(int(s.item()), []).append(i)
@@ -84,5 +103,16 @@ class MultiTensorAdamW(torch.optim.AdamW):
                 adamw_update_([params[i] for i in idx], [params[i].grad for i in idx],
                               [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                              weight_decay=group["weight_decay"], step=step)
+                              weight_decay=group["weight_decay"], step=step, skip=self.skip_if)
         return loss
+
+    def reconcile(self) -> int:
+        """Take the steps the kernel skipped on the device back off the host's step counts (reads the flags: a host
+        sync). Returns how many optimizer steps were skipped since the last call."""
+        skipped: set[int] = set()  # one flag per optimizer step, shared by its groups
+        for flag, states in self._pending:
+            if bool(flag):
+                skipped.add(id(flag))
+                torch._foreach_sub_([s["step"] for s in states], 1)
+        self._pending.clear()
+        return len(skipped)

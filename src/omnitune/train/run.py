@@ -24,6 +24,7 @@ from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
 from omnitune.train.callbacks import KeepActivations, MetricsLog
+from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
 from omnitune.train.trainer import OmniTrainer
@@ -82,7 +83,8 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         # serialisable)
         activation_checkpointing=plan.gradient_checkpointing and plan.checkpoint_policy == "full",
         activation_checkpointing_kwargs=ckpt_kwargs if plan.gradient_checkpointing else None,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        # no per-step isnan read-back: non-finite steps are caught on the device (train/guard.py)
+        logging_steps=t.logging_steps, logging_nan_inf_filter=False, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
@@ -186,12 +188,16 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
     objective = ThinkerLM(router_aux_coef(recipe, thinker), chunked=plan.loss == "chunked")
+    guard = NonFiniteGuard(recipe.train.nonfinite_patience, args.device, recipe.train.lr, report=console.print)
     trainer = OmniTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, objective=objective, plan=plan,
-        data_collator=OmniCollator(pad_id(processor.tokenizer), recipe.train.loss_weights, packing=plan.packing),
+        guard=guard,
+        data_collator=OmniCollator(pad_id(processor.tokenizer), recipe.train.loss_weights, packing=plan.packing,
+                                   host_counts=True),
         callbacks=callbacks)
     try:
         out = trainer.train(resume_from_checkpoint=last if resume else None)
+        guard.check(trainer.state.global_step)
     except KeyboardInterrupt:
         newest = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
         console.print("[yellow]interrupted.[/] " + (f"Newest checkpoint: {newest}. Continue with --resume."

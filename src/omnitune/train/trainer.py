@@ -4,6 +4,7 @@ objective's; which path it takes is the plan's (train/plan.py)."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,9 +17,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from omnitune.train.cuda_graph import GraphCaptureError
+from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import PACKED_KEYS, Objective, packed_position_ids
 from omnitune.train.optimizer import MultiTensorAdamW, kernel_applies
 from omnitune.train.plan import TrainingPlan
+from omnitune.transfer import scalar
 
 logger = logging.get_logger(__name__)
 
@@ -26,10 +29,15 @@ logger = logging.get_logger(__name__)
 class OmniTrainer(Trainer):
     """HF's Trainer whose micro-step is the objective's loss, replayed as a CUDA graph where the plan allows."""
 
-    def __init__(self, *args: Any, objective: Objective, plan: TrainingPlan | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, objective: Objective, plan: TrainingPlan | None = None,
+                 guard: NonFiniteGuard | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.plan = plan
+        self.guard = guard
+        self._window_loss: torch.Tensor | None = None  # the optimizer step's loss so far (micro-steps summed)
+        self._good_loss: torch.Tensor | None = None  # since the last log: [loss of finite steps, their count]
+        self._flop_params: int | None = None
         self.graphs_on = plan is not None and plan.cuda_graphs
         self.graphed = None  # built at the first step: the optimizer's params are known then
         self.eager_micro_steps = 0  # with graphs on: micro-steps that ran eagerly, and why (logged once each)
@@ -50,6 +58,12 @@ class OmniTrainer(Trainer):
         return cls, kwargs
 
     def create_optimizer(self, model=None):
+        optimizer = self._create_optimizer(model)
+        if self.guard is not None:
+            self.guard.attach(optimizer)
+        return optimizer
+
+    def _create_optimizer(self, model=None):
         if self.plan is not None and self.plan.optimizer == "hf_default" and self.optimizer is None:
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
             decay = self.get_decay_parameter_names(self.model)
@@ -66,12 +80,57 @@ class OmniTrainer(Trainer):
         if not batch_samples:
             return None
         count = sum(self.objective.count(b) for b in batch_samples)
-        count = torch.as_tensor(count, device=device)
+        count = count.to(device) if torch.is_tensor(count) else scalar(count, device, torch.int64)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
         return count
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """HF's estimate (6 x tokens x non-embedding parameters), with the parameters counted once: HF walks every
+        parameter each micro-step (16 ms per step on the 48-layer Thinker, issue 22)."""
+        if self._flop_params is None:
+            self._flop_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs["input_ids"].numel() * self._flop_params
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = self._micro_step(model, inputs, num_items_in_batch)
+        self._window_loss = loss if self._window_loss is None else self._window_loss + loss
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """HF's gradient norm (computed by clipping), and the guard's look at it: every optimizer step."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.guard is not None and torch.is_tensor(grad_norm):
+            bad = self.guard.observe(grad_norm, self._window_loss)
+            if self._window_loss is not None:
+                good = 1 - bad.float()
+                acc = torch.stack([self._window_loss.detach().float().nan_to_num(0.0, 0.0, 0.0) * good, good,
+                                   torch.ones_like(good)])
+                self._good_loss = acc if self._good_loss is None else self._good_loss + acc
+            if not self.guard.on_device:
+                self.guard.check(self.state.global_step + 1)  # the optimizer reads the flag on the host anyway
+        self._window_loss = None
+        return grad_norm
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
+        if self.guard is not None and (self.control.should_log or self.control.should_save
+                                       or self.control.should_training_stop):
+            self.guard.check(self.state.global_step)  # where the host reads the GPU anyway
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """HF's log, except that a training loss with skipped (non-finite) steps in its window is the mean over the
+        window's finite steps (NaN when none was, never a 0.0), with the count of skipped steps beside it."""
+        if "loss" in logs and self._good_loss is not None:
+            total, good, steps = self._good_loss.tolist()
+            if not math.isfinite(logs["loss"]):
+                logs["loss"] = total / good if good else float("nan")
+            if steps > good:
+                logs["skipped_steps"] = int(steps - good)
+            self._good_loss = None
+        super().log(logs, *args, **kwargs)
+
+    def _micro_step(self, model, inputs, num_items_in_batch=None):
         """A CUDA-graph replay of the micro-step where the plan and the batch allow one, else HF's eager step."""
         if not self.graphs_on:
             return super().training_step(model, inputs, num_items_in_batch)
