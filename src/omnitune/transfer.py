@@ -17,5 +17,6 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def scalar(value: float | int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A 0-dim tensor holding `value` on `device`, without a host wait."""
-    return to_device(torch.tensor(value, dtype=dtype), device)
+    """A 0-dim tensor holding `value` on `device`, without a host wait: a fill kernel takes the value as its
+    argument (no host buffer, pinned or not)."""
+    return torch.full((), value, dtype=dtype, device=device)

@@ -41,6 +41,10 @@ class MultiTensorAdamW(torch.optim.AdamW):
         self.skip_if: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, list[dict]]] = []  # device-skippable steps not yet reconciled
         self._eligible: dict[int, tuple[int, ...]] = {}  # per group: the params whose tensors passed the checks
+        # per group, while the same parameters step together from one count: (their ids, the count, their states).
+        # The count lives here as an int and reaches the states' step tensors only when someone reads them
+        # (state_dict, reconcile): updating 576 host tensors cost ~7 ms of host time per step.
+        self._shared_step: dict[int, tuple[tuple[int, ...], int, list[dict]]] = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Also a checkpoint of torch's fused AdamW, whose step counts live on the GPU: moved to the host once here,
@@ -50,6 +54,18 @@ class MultiTensorAdamW(torch.optim.AdamW):
             if torch.is_tensor(state.get("step")) and state["step"].device.type != "cpu":
                 state["step"] = state["step"].cpu()
         self._eligible.clear()
+        self._shared_step.clear()
+
+    def state_dict(self) -> dict:
+        self._write_steps()
+        return super().state_dict()
+
+    def _write_steps(self) -> None:
+        """Put the counts kept as ints into the states' step tensors."""
+        for _, step, states in self._shared_step.values():
+            for state in states:
+                state["step"].fill_(step)
+        self._shared_step.clear()
 
     def _kernel_params(self, index: int, group: dict) -> list[torch.Tensor] | None:
         """The group's parameters with gradients, or None where the kernel does not apply to the group. Parameters
@@ -82,7 +98,7 @@ class MultiTensorAdamW(torch.optim.AdamW):
             if self.skip_if is None or not bool(self.skip_if):  # torch's step: the host must know first
                 super().step()
             return loss
-        for group, params in zip(self.param_groups, groups):
+        for index, (group, params) in enumerate(zip(self.param_groups, groups)):
             if not params:
                 continue
             states = [self.state[p] for p in params]
@@ -91,15 +107,23 @@ class MultiTensorAdamW(torch.optim.AdamW):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps = [state["step"] for state in states]
-            torch._foreach_add_(steps, 1)
+            key = tuple(map(id, params))
+            shared = self._shared_step.get(index)
+            if shared is not None and shared[0] == key:
+                runs = {shared[1] + 1: list(range(len(params)))}
+            else:
+                self._write_steps()
+                steps = [state["step"] for state in states]
+                torch._foreach_add_(steps, 1)
+                runs = {}  # parameters whose step counts differ (some skipped steps) apart
+                for i, s in enumerate(steps):
+                    runs.setdefault(int(s.item()), []).append(i)
+            if len(runs) == 1:
+                self._shared_step[index] = (key, next(iter(runs)), states)
             if self.skip_if is not None:
                 self._pending.append((self.skip_if, states))
-            by_step: dict[int, list[int]] = {}  # parameters whose step counts differ (some skipped steps) apart
-            for i, s in enumerate(steps):
-                by_step.setdefault(int(s.item()), []).append(i)
             beta1, beta2 = group["betas"]
-            for step, idx in by_step.items():
+            for step, idx in runs.items():
                 adamw_update_([params[i] for i in idx], [params[i].grad for i in idx],
                               [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -109,6 +133,7 @@ class MultiTensorAdamW(torch.optim.AdamW):
     def reconcile(self) -> int:
         """Take the steps the kernel skipped on the device back off the host's step counts (reads the flags: a host
         sync). Returns how many optimizer steps were skipped since the last call."""
+        self._write_steps()
         skipped: set[int] = set()  # one flag per optimizer step, shared by its groups
         for flag, states in self._pending:
             if bool(flag):
