@@ -116,6 +116,8 @@ def infer(source: str = typer.Argument(..., help="run directory, recipe (file or
                            show_thinking=show_thinking, max_new_tokens=max_new_tokens,
                            use_audio_in_video=use_audio_in_video, base_dir=base)
     print()
+    for warning in out.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     if out.audio is not None:
         console.print(f"speech: {out.save_wav(wav)} ({len(out.audio) / out.sample_rate:.1f} s)")
 

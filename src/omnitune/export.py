@@ -17,15 +17,14 @@ No pickle files. Everything is written to a temp dir beside OUT and renamed into
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
+from omnitune.atomic import replace_dir, staging_dir
 from omnitune.errors import OmnituneError
 from omnitune.model.load import load_full
 from omnitune.model.source import Source, load_generation_processor, resolve_source, with_trained_thinker
@@ -66,7 +65,7 @@ def export_run(run_dir: str | Path | Recipe, out_dir: str | Path, thinker_only: 
     processor = load_generation_processor(src)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    tmp = staging_dir(out.parent, f".{out.name}.export-")
     try:
         model.generation_config = _generation_config(model, processor.tokenizer)
         model.save_pretrained(str(tmp), max_shard_size=shard_size, safe_serialization=True)
@@ -74,7 +73,7 @@ def export_run(run_dir: str | Path | Recipe, out_dir: str | Path, thinker_only: 
         add_legacy_config_keys(tmp / "config.json")
         add_legacy_processor_files(tmp)
         result = verify_export(tmp, thinker_only=thinker_only)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,11 +196,3 @@ def verify_export(out: Path, thinker_only: bool) -> dict[str, int]:
     return {"n_tensors": len(weight_map), "n_shards": len(shards)}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

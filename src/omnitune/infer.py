@@ -11,7 +11,7 @@ What a source loads to is model/source.py's; this module only generates. Speech 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -148,6 +148,7 @@ class Generation:
     audio: np.ndarray | None = None  # float32 mono at `sample_rate`
     sample_rate: int = SPEECH_RATE
     new_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)  # what a user should know about this answer
 
     def save_wav(self, path: str | Path) -> Path:
         if self.audio is None:
@@ -156,6 +157,23 @@ class Generation:
 
         sf.write(str(path), self.audio, self.sample_rate, subtype="PCM_16")
         return Path(path)
+
+
+SILENT_RMS = 1e-3  # below this (full scale 1.0) a waveform is near-silence: nothing a listener would hear
+MIN_SPEECH_SECONDS = 0.1
+
+
+def speech_problem(audio: np.ndarray | None, rate: int = SPEECH_RATE) -> str | None:
+    """Why a generated waveform is not speech a listener would hear (missing, too short, silent), or None."""
+    if audio is None or audio.size == 0:
+        return "the Talker produced no speech"
+    seconds = audio.size / rate
+    if seconds < MIN_SPEECH_SECONDS:
+        return f"the Talker produced only {1000 * seconds:.0f} ms of audio"
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    if rms < SILENT_RMS:
+        return f"the generated speech is near-silent (RMS {rms:.1e} over {seconds:.1f} s)"
+    return None
 
 
 class Inferencer:
@@ -224,7 +242,7 @@ class Inferencer:
                               self.source.variant == "thinking") if stream else None)
         sampling = dict(do_sample=do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {}))
         prompt_len = inputs["input_ids"].shape[1]
-        audio = None
+        audio, warnings = None, []
         if speech:
             spk = self.check_speaker(speaker or "ethan")
             out = self.model.generate(
@@ -234,6 +252,8 @@ class Inferencer:
             sequences, wav = out if isinstance(out, tuple) else (out, None)
             if wav is not None:
                 audio = wav.reshape(-1).float().cpu().numpy()
+            problem = speech_problem(audio)
+            warnings += [problem] if problem else []
         else:
             if speaker is not None:
                 raise InferError("a speaker was given but speech is off")
@@ -243,4 +263,5 @@ class Inferencer:
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         thinking, answer = split_thinking(text) if self.source.variant == "thinking" else (None, text)
         return Generation(text=text if show_thinking else answer, thinking=thinking, audio=audio,
-                          new_tokens=int((new != self.pad_id).sum()))
+                          new_tokens=int((new != self.pad_id).sum()),
+                          warnings=warnings)

@@ -8,6 +8,7 @@ expanded from the parts map (`adapter.targets`, `adapter.train`, `adapter.freeze
 from __future__ import annotations
 
 import difflib
+import pickle
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -105,8 +106,16 @@ def _apply_full(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False) -> PeftModel:
-    """A saved PEFT adapter on `model` (the one place adapters are loaded: training's resume aside)."""
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    """A saved PEFT adapter on `model` (the one place adapters are loaded: training's resume aside). A pickled
+    adapter (`adapter_model.bin`) is read with torch's weights-only loader: one that holds code is refused."""
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except pickle.UnpicklingError as e:
+        raise AdapterError(f"{adapter_dir}: refused to load the adapter: its pickle holds more than tensors "
+                           f"({str(e).split('.')[0][:120]}); only load adapters you trust, as safetensors") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{adapter_dir}: not a loadable PEFT adapter for this model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300]})") from None
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 from transformers import (AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3OmniMoeConfig,
                           Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeProcessor, WhisperFeatureExtractor)
 
+from omnitune.atomic import staging_dir
 from omnitune.model.template import chat_template
 
 TOKEN_IDS = dict(im_start=151644, im_end=151645, audio_start=151669, audio_end=151670, tts_pad=151671,
@@ -151,7 +152,7 @@ def tiny_checkpoint(cache_root: str | Path | None = None) -> Path:
     if (final / "config.json").exists() and (final / "DONE").exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    tmp = staging_dir(root, ".tiny-")
     try:
         save_tiny_checkpoint(tmp)
         if not (tmp / "config.json").exists():  # transformers writes weights from distributed rank 0 only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,22 @@ class MetricsLog(TrainerCallback):
             with self.path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
 
+    def run_loss(self) -> float | None:
+        """The training loss of the whole run, resumed parts included: each logged window's mean loss weighted by
+        its optimizer steps (HF's own figure covers only the steps since the last resume)."""
+        if not self.path.exists():
+            return None
+        total = steps = 0.0
+        last = 0
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row and math.isfinite(row["loss"]):
+                total += row["loss"] * (row["step"] - last)
+                steps += row["step"] - last
+            if "loss" in row:
+                last = row["step"]
+        return total / steps if steps else None
+
 
 class KeepActivations(TrainerCallback):
     """Takes checkpointing off the last `layers` decoder layers once the Trainer has switched it on for all of them
@@ -55,3 +72,13 @@ class KeepActivations(TrainerCallback):
                         f"({plan.per_layer_bytes / 2**30:.2f} GiB each at {self.tokens} tokens, "
                         f"{plan.headroom_bytes / 2**30:.1f} GiB free for them)")
         keep_activations(model, layers)
+
+
+class StepStarted(TrainerCallback):
+    """Whether a training step began: a failure before that happened while loading the checkpoint."""
+
+    def __init__(self):
+        self.yes = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.yes = True

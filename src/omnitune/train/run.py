@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from omnitune.atomic import replace_dir, staging_dir
+from omnitune.errors import OmnituneError
 from omnitune.model import parts
 from omnitune.model.adapters import check_adapter_config, trainable_summary
 from omnitune.model.build import build_for_training
@@ -23,10 +24,11 @@ from omnitune.model.load import load_processor, load_thinker
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
-from omnitune.train.callbacks import KeepActivations, MetricsLog
+from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
+from omnitune.train.resume import CheckpointError, resumable_checkpoint
 from omnitune.train.trainer import OmniTrainer
 
 
@@ -157,6 +159,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     last = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
     if resume and last is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run.checkpoints}")
+    if resume:
+        last = str(resumable_checkpoint(run.checkpoints, console.print))
     if not resume and last is not None:
         raise FileExistsError(f"{run.root} already holds checkpoints ({Path(last).name}): pass --resume to "
                               f"continue, or choose another output_dir (--set output_dir=...)")
@@ -181,7 +185,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     print_summary(model, console)
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None, plan=plan)
-    callbacks = [MetricsLog(run.metrics)]
+    metrics = MetricsLog(run.metrics)
+    callbacks = [metrics]
     if plan.gradient_checkpointing and plan.uncheckpointed_layers:
         callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print))
     if recipe.log.tensorboard:
@@ -195,9 +200,16 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         data_collator=OmniCollator(pad_id(processor.tokenizer), recipe.train.loss_weights, packing=plan.packing,
                                    host_counts=True),
         callbacks=callbacks)
+    started = StepStarted()
+    trainer.add_callback(started)
     try:
         out = trainer.train(resume_from_checkpoint=last if resume else None)
         guard.check(trainer.state.global_step)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        if not resume or started.yes or isinstance(e, OmnituneError):
+            raise
+        raise CheckpointError(f"--resume: {last} could not be loaded ({type(e).__name__}: {str(e)[:300]}); "
+                              f"move it out of {run.checkpoints} to resume from the one before") from e
     except KeyboardInterrupt:
         newest = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
         console.print("[yellow]interrupted.[/] " + (f"Newest checkpoint: {newest}. Continue with --resume."
@@ -206,21 +218,31 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     summary = trainer.graph_summary()
     if summary:
         console.print(summary)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    eval_loss = final_eval_loss(trainer) if eval_ds is not None else None
     if state.is_main_process:
         save_final(model, processor, run, full=recipe.adapter.method == "full")
     state.wait_for_everyone()
-    console.print(f"[green]done[/]: {out.global_step} steps, train loss {out.training_loss:.4f}"
-                  + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "") + f" -> {run.root}")
-    return TrainResult(run, out.global_step, out.training_loss, eval_loss, plan)
+    train_loss = metrics.run_loss() if state.is_main_process else None
+    train_loss = out.training_loss if train_loss is None else train_loss
+    console.print(f"[green]done[/]: {out.global_step} steps, train loss {train_loss:.4f} (mean over the run's "
+                  "steps)" + (f", eval loss {eval_loss:.4f} (modality-weighted, over the eval set)"
+                              if eval_loss is not None else "") + f" -> {run.root}")
+    return TrainResult(run, out.global_step, train_loss, eval_loss, plan)
+
+
+def final_eval_loss(trainer: OmniTrainer) -> float:
+    """The eval loss of the final weights: the one the trainer logged at the last step, else a new evaluation
+    (evaluating again would log the same step's eval_loss twice)."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return entry["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def save_final(model: torch.nn.Module, processor, run: RunDir, full: bool) -> None:
     """RUN/adapter (or RUN/model) and RUN/processor, each written to a temp dir and renamed into place."""
     for target, write in ((run.model if full else run.adapter, model.save_pretrained),
                           (run.processor, processor.save_pretrained)):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=run.root))
+        tmp = staging_dir(run.root, f".{target.name}-")
         write(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
