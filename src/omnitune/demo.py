@@ -60,7 +60,8 @@ def run_demo(out: Path, seed: int = 0, n_train: int = 96, n_eval: int = 24, over
 
     console.rule("3/5 held-out scores of the base model")
     before = heldout_scores(load_thinker(recipe.model), eval_ds, collator)
-    console.print(f"base: loss {before['loss']:.3f}, exact match {before['accuracy']:.1%}")
+    console.print(f"base: loss {before['loss']:.3f} (token cross-entropy over every held-out answer token, "
+                  f"unweighted), exact match {before['accuracy']:.1%}")
 
     console.rule("4/5 train")
     result = train(recipe, console=console)
@@ -95,7 +96,7 @@ def _print_table(res: DemoResult, steps: int, console: Console) -> None:
     table.add_column("held-out")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")
-    table.add_row("loss", f"{res.before['loss']:.3f}", f"{res.after['loss']:.3f}")
+    table.add_row("loss (token CE)", f"{res.before['loss']:.3f}", f"{res.after['loss']:.3f}")
     table.add_row("exact match", f"{res.before['accuracy']:.1%}", f"{res.after['accuracy']:.1%}")
     console.print(table)
     console.print(f"run directory: {res.run_dir} (adapter/, processor/, metrics.jsonl, logs/)")
