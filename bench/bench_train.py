@@ -74,9 +74,12 @@ class StepClock:
     """Host times at each optimizer step's end (synchronised at the two ends of the timed window) and the peak; with
     `profile`, one more optimizer step after the window under torch's profiler: how much of it the GPU was busy."""
 
+    PROFILED_STEPS = 3  # after the timed window: the first starts from a synchronised GPU, the others are steady
+
     def __init__(self, warmup: int, steps: int, profile: bool = False):
         self.warmup, self.steps, self.marks, self.window = warmup, steps, [], None
         self.profile, self.profiler, self.profile_result = profile, None, None
+        self.events: list = []  # a CUDA event at each step's end: the GPU's own step times, host waits aside
 
     def hook(self):
         from transformers import TrainerCallback
@@ -89,6 +92,9 @@ class StepClock:
                     torch.cuda.reset_peak_memory_stats()
 
             def on_step_end(self, args, state, control, **kwargs):
+                if DEVICE == "cuda" and state.global_step <= clock.steps:
+                    clock.events.append(torch.cuda.Event(enable_timing=True))
+                    clock.events[-1].record()
                 if state.global_step in (clock.warmup, clock.steps) and DEVICE == "cuda":
                     torch.cuda.synchronize()
                 clock.marks.append(time.perf_counter())
@@ -96,7 +102,7 @@ class StepClock:
                     clock.window = clock.marks[-1] - clock.marks[clock.warmup - 1]
                     if clock.profile:
                         clock.start_profile()
-                elif state.global_step == clock.steps + 1 and clock.profiler is not None:
+                elif state.global_step == clock.steps + clock.PROFILED_STEPS and clock.profiler is not None:
                     clock.stop_profile()
 
         return Callback()
@@ -122,7 +128,13 @@ class StepClock:
             end = max(end, b)
         table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
                                                    max_name_column_width=70)
-        self.profile_result = dict(wall_ms=wall_ms, gpu_busy_ms=busy / 1e3, cpu_table=table)
+        out = os.environ.get("OUT")
+        if out and DEVICE == "cuda":
+            trace = Path(out) / "trace.json"
+            self.profiler.export_chrome_trace(str(trace))
+            subprocess.run(["gzip", "-f", str(trace)], check=False)
+        self.profile_result = dict(steps=self.PROFILED_STEPS, wall_ms=wall_ms, gpu_busy_ms=busy / 1e3,
+                                   cpu_table=table)
         self.profiler = None
 
 
@@ -136,7 +148,7 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
 
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     os.environ.setdefault("OMNITUNE_CACHE", str(work / "cache"))
-    total_steps = steps + 1 if profile else steps
+    total_steps = steps + StepClock.PROFILED_STEPS if profile else steps
     recipe = load_recipe("instruct", [*BASE, *RUNS.get(name, []), *overrides, f"output_dir={work / 'run'}",
                                       f"train.max_steps={total_steps}"])
     processor = load_processor(recipe.model)
@@ -170,11 +182,13 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
     tokens = statistics.mean(len(trainer.train_dataset[i]["input_ids"]) for i in range(len(trainer.train_dataset)))
     tok_s = tokens / ms * 1e3
     intervals = [1e3 * (b - a) for a, b in zip(clock.marks, clock.marks[1:])]
+    gpu_steps = [a.elapsed_time(b) for a, b in zip(clock.events, clock.events[1:])][warmup - 1:]
     plan = result.plan
     return dict(run=name, overrides=overrides, seq=seq, layers=layers, tokens=tokens, ms=ms, tok_s=tok_s,
                 mfu=mfu(tok_s, active_params(cfg.text_config)),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0,
-                step_intervals_ms=intervals, build_s=build_s, graphs=trainer.graph_summary(),
+                step_intervals_ms=intervals, gpu_step_ms=gpu_steps, build_s=build_s,
+                graphs=trainer.graph_summary(),
                 plan=plan.lines(), rank=recipe.adapter.rank, method=recipe.adapter.method,
                 trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
                 profile=clock.profile_result)
@@ -245,7 +259,8 @@ def main() -> None:
         prof = results[-1].get("profile") or {}
         if prof:
             (out_dir / f"profile_{name}.txt").write_text(prof.pop("cpu_table"))
-            print(f"{name}: profiled step {prof['wall_ms']:.1f} ms, GPU busy {prof['gpu_busy_ms']:.1f} ms", flush=True)
+            print(f"{name}: {prof['steps']} profiled steps {prof['wall_ms']:.1f} ms, GPU busy {prof['gpu_busy_ms']:.1f} ms",
+                  flush=True)
         print(json.dumps(results[-1]), flush=True)
         (out_dir / "bench_train.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
     print(table(results))
