@@ -259,8 +259,8 @@ def main() -> None:
         prof = results[-1].get("profile") or {}
         if prof:
             (out_dir / f"profile_{name}.txt").write_text(prof.pop("cpu_table"))
-            print(f"{name}: {prof['steps']} profiled steps {prof['wall_ms']:.1f} ms, GPU busy {prof['gpu_busy_ms']:.1f} ms",
-                  flush=True)
+            print(f"{name}: {prof['steps']} profiled steps {prof['wall_ms']:.1f} ms, "
+                  f"GPU busy {prof['gpu_busy_ms']:.1f} ms", flush=True)
         print(json.dumps(results[-1]), flush=True)
         (out_dir / "bench_train.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
     print(table(results))
