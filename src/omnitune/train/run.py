@@ -90,6 +90,9 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
+        # batches reach the GPU as queued copies from pinned memory: a blocking copy would wait for the previous
+        # step's kernels every step, and the host's work after that wait would leave the GPU idle
+        dataloader_pin_memory=True, accelerator_config={"non_blocking": True},
         disable_tqdm=False, use_cpu=plan.hardware.device == "cpu",
         # DDP: towers trained in full (modules_to_save) get no gradient from batches without their modality
         ddp_find_unused_parameters=plan.unused_parameters if plan.world_size > 1 else None,
