@@ -12,7 +12,7 @@ def test_demo_improves_the_held_out_score_by_a_clear_margin(tmp_path):
                          timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    loss = re.search(r"loss\s+│\s+([\d.]+)\s+│\s+([\d.]+)", out)
+    loss = re.search(r"loss[^│\n]*│\s+([\d.]+)\s+│\s+([\d.]+)", out)
     acc = re.search(r"exact match\s+│\s+([\d.]+)%\s+│\s+([\d.]+)%", out)
     assert loss and acc, out[-2000:]
     base_loss, tuned_loss = map(float, loss.groups())
