@@ -84,3 +84,19 @@ def test_the_trainer_bench_dry_runs_both_paths_through_omnitune_train(tmp_path):
     assert any("transformers + PEFT (plain)" in line for line in peft["plan"])
     assert 64 <= ours["tokens"] <= 96 and ours["ms"] > 0 and len(ours["step_intervals_ms"]) == 2
     assert "| ours | omnitune train (r16, 2 layers) |" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_serving_bench_dry_runs_through_the_real_server(tmp_path):
+    """bench/bench_serve.py drives `omnitune serve`'s app over HTTP with the openai client: on the CPU at tiny widths
+    every measurement must come back (streamed text, streamed speech, 1 and 8 concurrent requests)."""
+    env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--speech-frames", "13"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads((tmp_path / "out" / "bench_serve.json").read_text())
+    # Exactly 13 frames: 1920 samples each less Code2Wav's 555-sample trim, in pieces of 12 frames (12 + 1).
+    assert out["speech"]["audio_s"] == pytest.approx((13 * 1920 - 555) / 24000) and out["speech"]["pieces"] == 2
+    assert [c["requests"] for c in out["concurrency"]] == [1, 8] and all(c["tokens"] > 0 for c in out["concurrency"])
+    assert "| speech: real-time factor" in res.stdout and "| text: time to first token" in res.stdout
