@@ -11,6 +11,7 @@ Rows (recipe overrides on bench_train's base: the `instruct` preset at r16, batc
   instruct      the `instruct` preset as shipped (r64; its memory settings), cap 76 GiB (an 80 GB card)
   instruct-fp32 r64 with fp32 LoRA and fp32 AdamW states (before issue 21), no cap
   qlora         QLoRA r16 with bf16 LoRA, 8-bit AdamW stepped in the backward, cap 22 GiB (a 24 GB card)
+  qlora-offload the qlora row with the NF4 experts streamed from pinned host memory, cap 14 GiB (a 16 GB card)
   qlora-plain   QLoRA r16 with fp32 LoRA and AdamW (before issue 21), no cap
   peft          transformers grouped_mm + PEFT r16 as they ship, no cap
 
@@ -54,6 +55,8 @@ RUNS: dict[str, tuple[list[str], float | None, str]] = {
     "instruct": (["adapter.rank=64", "adapter.alpha=128", *shipped()], 76.0, "<= 76 GiB, >= 80% of r16 tok/s"),
     "instruct-fp32": (["adapter.rank=64", "adapter.alpha=128", *PLAIN], None, "before: 95.4 GiB measured"),
     "qlora": (["adapter.method=qlora", *LOW], 22.0, "<= 22 GiB, >= 70% of r16 tok/s"),
+    "qlora-offload": (["adapter.method=qlora", *LOW, "train.offload_experts=true"], 14.0,
+                      "<= 14 GiB (community best 7.2 GB at seq 2048)"),
     "qlora-plain": (["adapter.method=qlora", *PLAIN], None, "before: 27.9 GiB measured"),
     "peft": (["model.experts=grouped_mm", "train.uncheckpointed_layers=0", *PLAIN], None, "plain baseline"),
 }
@@ -81,6 +84,41 @@ def child(name: str, args) -> dict:
                   estimate_parts={k: v / 2**30 for k, v in est.parts.items()} if est else None,
                   reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if DEVICE == "cuda" else 0.0)
     return result
+
+
+def stream_check(layers: int = 4) -> dict:
+    """QLoRA with the experts streamed from host memory against QLoRA with them on the GPU, on a small-width
+    Thinker on this GPU: the same loss and LoRA gradients (the CPU tests cannot exercise the copy stream)."""
+    import copy
+
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    from common import build_on_device, thinker_config
+    from omnitune.kernels import register_experts_implementation
+    from omnitune.model.build import build_for_training
+    from omnitune.recipe import AdapterConfig
+
+    register_experts_implementation("omnitune")
+    torch.manual_seed(0)
+    cfg = thinker_config(layers, hidden=512, experts=32, moe_inter=256)
+    base = build_on_device(Qwen3OmniMoeThinkerForConditionalGeneration, cfg, DEVICE)
+    base.set_experts_implementation("omnitune")
+    adapter = AdapterConfig(method="qlora", rank=16, alpha=32, targets=["attention", "experts"])
+    out = {}
+    ids = torch.randint(10, 150000, (1, 1024), device=DEVICE)
+    for offload in (False, True):
+        torch.manual_seed(1)
+        model = build_for_training(copy.deepcopy(base), adapter, fast_paths=True, device=DEVICE,
+                                   report=lambda _: None, offload_experts=offload)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out[offload] = (loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                                if p.grad is not None})
+    (loss0, g0), (loss1, g1) = out[False], out[True]
+    diff = max(float((g0[n] - g1[n]).abs().max()) for n in g0)
+    return dict(loss_on_gpu=float(loss0), loss_streamed=float(loss1), max_grad_diff=diff,
+                ok=bool(torch.equal(loss0, loss1)) and diff == 0.0 and g0.keys() == g1.keys())
 
 
 def spawn(name: str, args) -> dict:
@@ -123,7 +161,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child")
-    ap.add_argument("--runs", default="r16,instruct,qlora,peft,instruct-fp32,qlora-plain",
+    ap.add_argument("--runs", default="r16,instruct,qlora,qlora-offload,peft,instruct-fp32,qlora-plain",
                     help=f"comma-separated, from {', '.join(RUNS)}")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=48)
@@ -147,6 +185,9 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT", "."))
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    if "qlora-offload" in args.runs.split(",") and DEVICE == "cuda":
+        info["stream_check"] = stream_check()
+        print(f"stream check: {info['stream_check']}", flush=True)
     for name in args.runs.split(","):
         results.append(spawn(name, args))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("plan", "step_intervals_ms",

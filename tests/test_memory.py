@@ -158,6 +158,29 @@ def test_low_bit_states_in_the_backward_resume_and_the_adapter_serves_as_today(d
     assert torch.isfinite(thinker(input_ids=torch.tensor([[10, 11, 12, 13]])).logits).all()
 
 
+def test_qlora_with_experts_streamed_from_host_memory_trains_the_qlora_curve_exactly(demo_data, tmp_path):
+    """The streamed NF4 codes are the same bytes: the curves agree exactly. The model holds no NF4 stack as a
+    buffer (`.to(device)` would bring it back to the GPU), and the stream keeps at most two layers."""
+    from omnitune.model.qlora import ExpertStream, quantize_experts
+    from omnitune.model.tiny import build_tiny_model
+
+    train(steps(demo_data, tmp_path / "qlora", "adapter.method=qlora"))
+    train(steps(demo_data, tmp_path / "stream", "adapter.method=qlora", "train.offload_experts=true"))
+    assert logged_losses(tmp_path / "stream") == logged_losses(tmp_path / "qlora")
+
+    from omnitune.kernels import register_experts_implementation
+
+    thinker = build_tiny_model(seed=0).thinker.requires_grad_(False)
+    register_experts_implementation("omnitune")
+    thinker.set_experts_implementation("omnitune")  # the path QLoRA runs on (the recipe's default)
+    quantize_experts(thinker, device="cpu", offload=True)
+    assert not [n for n, _ in thinker.named_buffers() if n.endswith(("_packed", "_absmax"))]
+    stream = thinker.model.language_model.layers[0].mlp.experts.omnitune_weight_provider
+    assert isinstance(stream, ExpertStream)
+    thinker(input_ids=torch.tensor([[10, 11, 12, 13]]))
+    assert len(stream.resident) <= 2 and stream.copied_bytes > 0
+
+
 def test_frozen_towers_offloaded_compute_what_they_did_on_the_device():
     """accelerate's cpu_offload leaves the tower's parameters on the meta device (nothing held where the model
     runs) and brings them in for its forward: the same features come out."""

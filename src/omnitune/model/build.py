@@ -17,16 +17,18 @@ from omnitune.recipe import AdapterConfig
 
 
 def build_for_training(thinker: nn.Module, adapter: AdapterConfig, fast_paths: bool, device: str,
-                       report: Callable[[str], object] = print) -> nn.Module:
-    """Adapters (LoRA / QLoRA / full) on `thinker`; QLoRA's experts quantized onto `device`; with `fast_paths`
-    the experts and linear LoRA through the fused kernels and, on CUDA, the fused norms, rotary and router."""
+                       report: Callable[[str], object] = print, offload_experts: bool = False) -> nn.Module:
+    """Adapters (LoRA / QLoRA / full) on `thinker`; QLoRA's experts quantized onto `device` (or, with
+    `offload_experts`, into pinned host memory, streamed to `device` per layer); with `fast_paths` the experts and
+    linear LoRA through the fused kernels and, on CUDA, the fused norms, rotary and router."""
     model = apply_adapters(thinker, adapter)
     if adapter.method != "full" and adapter.lora_dtype == "bfloat16":
         cast_lora_(model, torch.bfloat16)
     if adapter.method == "qlora":
-        before, after = quantize_experts(model, device=device)
+        before, after = quantize_experts(model, device=device, offload=offload_experts)
         model.to(device)
-        report(f"QLoRA: expert weights in 4-bit NF4, {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
+        report(f"QLoRA: expert weights in 4-bit NF4, {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB"
+               + (" in pinned host memory, streamed per layer" if offload_experts else ""))
     if fast_paths:
         from omnitune import kernels
 

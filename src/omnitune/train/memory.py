@@ -141,10 +141,15 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
     owner = parts.owners(model, ["audio_tower", "vision_tower"])
     experts = set(parts.target_parameters(model, "experts"))
     weights = 0.0
+    streamed = 0.0
     for name, p in model.named_parameters():
         if owner(name) != "other" and plan.offload_towers:
             continue
+        if name in experts and plan.offload_experts:
+            streamed += p.numel() * NF4_BYTES
+            continue
         weights += p.numel() * (NF4_BYTES if name in experts and a.method == "qlora" else dtype)
+    weights += 2 * streamed / config.text_config.num_hidden_layers  # two layers' experts resident
     trained, largest = lora_values(model, recipe)
     if a.method == "full":  # the trained weights are the model's own
         weights -= trained * dtype
@@ -182,6 +187,9 @@ def levers(recipe: Recipe, plan, found: dict[str, float]) -> tuple[str, ...]:
     out: list[tuple[float, str]] = []
     if a.method == "lora":
         out.append((found["weights"] * 0.6, "adapter.method=qlora (the experts in 4-bit NF4)"))
+    if a.method in ("lora", "qlora") and not t.offload_experts:
+        out.append((found["weights"] * 0.5,
+                    "adapter.method=qlora with train.offload_experts=true (NF4 experts streamed from host memory)"))
     if t.optimizer == "adamw":
         out.append((found["optimizer"] * 0.75, "train.optimizer=adamw8bit or adamw4bit (low-bit AdamW states)"))
         out.append((found["optimizer"], "train.optimizer=adamw_cpu (AdamW states in host memory)"))

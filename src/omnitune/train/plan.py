@@ -62,6 +62,7 @@ class TrainingPlan:
     optimizer_in_backward: bool  # each tensor steps when its gradient is complete (train/optimizer.py)
     lora_dtype: Literal["float32", "bfloat16"]
     offload_towers: bool  # frozen audio/vision towers in host memory, streamed in for media batches
+    offload_experts: bool  # QLoRA's NF4 experts in pinned host memory, streamed one layer ahead
     cuda_graphs: bool
     cuda_graphs_why: str  # why on or off, for the printout
     graph_bucket: int  # pad micro-batches to a multiple of this many tokens (with cuda_graphs)
@@ -123,6 +124,8 @@ def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> s
         return f"{strategy}: the gradient all-reduce is driven from the host during the backward"
     if t.optimizer_in_backward:
         return "train.optimizer_in_backward: the optimizer steps from the host inside the backward"
+    if t.offload_experts:
+        return "train.offload_experts: the host streams each layer's experts in"
     if t.precision == "fp16":
         return "fp16 needs a gradient scaler, which reads back to the host"
     if a.method == "full":
@@ -156,6 +159,8 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
                      if hw.device != "cuda" else "a tower trains, so it stays on the GPU") + ")")
     elif offload_towers:
         notes.append("towers: frozen audio/vision towers in host memory, brought to the GPU for media batches only")
+    if t.offload_experts:
+        notes.append("experts: NF4 in pinned host memory, each layer's copied to the GPU one layer ahead")
     why_not = _why_no_graphs(recipe, hw, fast, strategy)
     graphs = why_not is None
     why = ("batches with images or video run eagerly (the vision towers' shapes depend on the data)"
@@ -168,7 +173,7 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         loss="chunked" if fast else "plain",
         optimizer=optimizer, optimizer_in_backward=t.optimizer_in_backward,
         lora_dtype=recipe.adapter.lora_dtype if recipe.adapter.method != "full" else "float32",
-        offload_towers=offload_towers,
+        offload_towers=offload_towers, offload_experts=t.offload_experts,
         cuda_graphs=graphs, cuda_graphs_why=why, graph_bucket=t.graph_bucket,
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,

@@ -187,7 +187,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         on_device = plan.hardware.device == "cuda" and recipe.adapter.method != "qlora"
         thinker = load_thinker(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
     model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
-                               report=console.print)
+                               report=console.print, offload_experts=plan.offload_experts)
     enable_selective_checkpointing(model, plan)
     print_summary(model, console)
 
