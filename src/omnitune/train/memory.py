@@ -162,7 +162,8 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
     tokens = plan.micro_batch_tokens
     per_layer = tokens * layer_bytes_per_token(text, act)
     layers = text.num_hidden_layers
-    loss = LOSS_RESERVE_BYTES if plan.loss == "chunked" else tokens * text.vocab_size * (act + 8)
+    logits = tokens * text.vocab_size * (act + 8)  # bf16 logits, their fp32 upcast and its gradient
+    loss = min(LOSS_RESERVE_BYTES, logits) if plan.loss == "chunked" else logits
     activations = loss + (layers * tokens * text.hidden_size * act + 2 * per_layer
                           if plan.gradient_checkpointing else 0)
     found = {"weights": weights, "trainable": trained * value, "grads": grads,
