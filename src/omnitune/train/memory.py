@@ -51,7 +51,13 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return sum(self.parts.values()) + self.kept * self.per_layer
+        """The peak: what lives through the step, plus the larger of the gradients (complete at the end of the
+        backward) and the activations (largest at its start, freed as it goes). Against H200 peaks of the
+        48-layer Thinker, every layer checkpointed (issue 21): 66.6 / 69.1 for bf16 LoRA r16 (measured / this),
+        95.4 / 95.2 at r64, 27.9 / 27.8 for QLoRA r16, 56.6 / 56.4 at r64."""
+        p = self.parts
+        return (p["weights"] + p["trainable"] + p["optimizer"]
+                + max(p["grads"], p["activations"] + self.kept * self.per_layer))
 
     @property
     def fits(self) -> bool:
@@ -175,7 +181,7 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
     if not plan.gradient_checkpointing:
         kept = layers
     elif plan.uncheckpointed_layers == "auto":
-        room = (budget * (1 - MARGIN) - sum(found.values())) if budget else 0
+        room = (budget * (1 - MARGIN) - sum(v for k, v in found.items() if k != "grads")) if budget else 0
         kept = int(min(layers, max(0, room // per_layer)))
     else:
         kept = int(plan.uncheckpointed_layers)
