@@ -81,8 +81,13 @@ def test_optimizer_in_backward_steps_each_tensor_as_adamw_would_and_frees_its_gr
         plain_sched.step()
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in net.parameters()]
+    (net(torch.randn(4, 6)).sum() * float("nan")).backward()  # a non-finite step cannot poison the weights
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # AdamW's momentum moved them
     state = opt.state_dict()
     assert state["param_groups"][0]["lr"] == pytest.approx(1e-2 / 4) and len(state["state"]) == 4
+    assert state["state"][0]["step"] == 4
     opt.load_state_dict(state)  # new group dicts: the hooks find them by index
     sched.step()
     assert opt.inner.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)

@@ -187,7 +187,7 @@ def _optimizer(recipe: Recipe, hw: Hardware, fast: bool) -> tuple[str, list[str]
     notes = []
     if t.optimizer_in_backward:
         notes.append("optimizer in backward: gradients are freed as they are produced; no global-norm clipping "
-                     "(train.max_grad_norm unused), and a non-finite step is counted, not skipped")
+                     "(train.max_grad_norm unused); a non-finite gradient entry is zeroed, and such steps are counted, not skipped")
     if t.optimizer == "adamw_cpu" and hw.device != "cuda":
         notes.append("optimizer: adamw_cpu without a CUDA device is AdamW (its state is in host memory already)")
     elif t.optimizer != "adamw":
