@@ -44,7 +44,10 @@ RUNS: dict[str, list[str]] = {
 }
 BASE = ["adapter.rank=16", "adapter.alpha=32", "train.batch_size=1", "train.grad_accum=1", "train.lr=1e-5",
         "train.warmup_ratio=0", "train.save_steps=100000", "train.logging_steps=100000", "log.tensorboard=false",
-        "data.workers=1", "model.path=tiny"]  # the tiny checkpoint only lends its processor (the real tokenizer)
+        "data.workers=1", "model.path=tiny",  # the tiny checkpoint only lends its processor (the real tokenizer)
+        # the speed path as measured before issue 21: fp32 LoRA and AdamW on the GPU (bench_memory.py measures the
+        # presets' memory settings)
+        "adapter.lora_dtype=float32", "train.optimizer=adamw", "train.offload_towers=false"]
 
 
 def write_conversations(path: Path, tokenizer, n: int, seq: int, seed: int) -> int:

@@ -58,7 +58,11 @@ class TrainingPlan:
     precision: Literal["bf16", "fp16", "fp32"]
     fast_paths: bool  # model.experts=omnitune: fused experts/LoRA/norm/router kernels
     loss: Literal["chunked", "plain"]
-    optimizer: Literal["multi_tensor_adamw", "hf_default"]
+    optimizer: Literal["multi_tensor_adamw", "hf_default", "adamw8bit", "adamw4bit", "adamw_cpu"]
+    optimizer_in_backward: bool  # each tensor steps when its gradient is complete (train/optimizer.py)
+    lora_dtype: Literal["float32", "bfloat16"]
+    offload_towers: bool  # frozen audio/vision towers in host memory, streamed in for media batches
+    offload_experts: bool  # QLoRA's NF4 experts in pinned host memory, streamed one layer ahead
     cuda_graphs: bool
     cuda_graphs_why: str  # why on or off, for the printout
     graph_bucket: int  # pad micro-batches to a multiple of this many tokens (with cuda_graphs)
@@ -84,7 +88,9 @@ class TrainingPlan:
         return [f"device: {h.name}" + (f" x {h.world_size} processes ({self.strategy})" if h.world_size > 1 else ""),
                 f"objective: {self.objective}" + (" + router balance loss" if self.router_trains else ""),
                 f"experts path: {'omnitune fused kernels' if self.fast_paths else 'transformers + PEFT (plain)'}; "
-                f"loss: {self.loss}; optimizer: {self.optimizer}; precision: {self.precision}",
+                f"loss: {self.loss}; optimizer: {self.optimizer}"
+                + (" (stepped inside the backward)" if self.optimizer_in_backward else "")
+                + f"; precision: {self.precision}" + (", LoRA weights bf16" if self.lora_dtype == "bfloat16" else ""),
                 f"CUDA graphs: {'on' if self.cuda_graphs else 'off'}, {self.cuda_graphs_why}"
                 + (f" (bucket {self.graph_bucket} tokens)" if self.cuda_graphs else ""),
                 f"activation checkpointing: {ckpt}",
@@ -116,6 +122,10 @@ def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> s
         return f"model.experts={recipe.model.experts} is the plain transformers + PEFT path"
     if strategy != "single":
         return f"{strategy}: the gradient all-reduce is driven from the host during the backward"
+    if t.optimizer_in_backward:
+        return "train.optimizer_in_backward: the optimizer steps from the host inside the backward"
+    if t.offload_experts:
+        return "train.offload_experts: the host streams each layer's experts in"
     if t.precision == "fp16":
         return "fp16 needs a gradient scaler, which reads back to the host"
     if a.method == "full":
@@ -138,7 +148,19 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     if hw.world_size > 1 and strategy == "single":
         raise RecipeError(f"launched as {hw.world_size} processes (torchrun / accelerate launch): set "
                           "distributed.strategy=ddp to train data parallel, or launch one process")
+    if t.optimizer_in_backward and strategy != "single":
+        raise RecipeError("train.optimizer_in_backward steps each tensor before the gradient all-reduce: it "
+                          "trains one process only; set it false for distributed.strategy=" + strategy)
     fast = recipe.model.experts == "omnitune"
+    optimizer, notes = _optimizer(recipe, hw, fast)
+    offload_towers = t.offload_towers and hw.device == "cuda" and not trains_a_tower(recipe)
+    if t.offload_towers and not offload_towers:
+        notes.append("towers: kept where the model is (" + ("no CUDA device: already in host memory"
+                     if hw.device != "cuda" else "a tower trains, so it stays on the GPU") + ")")
+    elif offload_towers:
+        notes.append("towers: frozen audio/vision towers in host memory, brought to the GPU for media batches only")
+    if t.offload_experts:
+        notes.append("experts: NF4 in pinned host memory, each layer's copied to the GPU one layer ahead")
     why_not = _why_no_graphs(recipe, hw, fast, strategy)
     graphs = why_not is None
     why = ("batches with images or video run eagerly (the vision towers' shapes depend on the data)"
@@ -149,9 +171,26 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     return TrainingPlan(
         objective=objective, hardware=hw, strategy=strategy, precision=t.precision, fast_paths=fast,
         loss="chunked" if fast else "plain",
-        optimizer="multi_tensor_adamw" if fast and hw.device == "cuda" else "hf_default",
+        optimizer=optimizer, optimizer_in_backward=t.optimizer_in_backward,
+        lora_dtype=recipe.adapter.lora_dtype if recipe.adapter.method != "full" else "float32",
+        offload_towers=offload_towers, offload_experts=t.offload_experts,
         cuda_graphs=graphs, cuda_graphs_why=why, graph_bucket=t.graph_bucket,
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
         preserve_rng_state=not graphs, packing=recipe.data.packing, micro_batch_tokens=tokens,
-        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe))
+        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe), notes=tuple(notes))
+
+
+def _optimizer(recipe: Recipe, hw: Hardware, fast: bool) -> tuple[str, list[str]]:
+    """The optimizer implementation, and what the printout should say about the choice."""
+    t = recipe.train
+    notes = []
+    if t.optimizer_in_backward:
+        notes.append("optimizer in backward: gradients are freed as they are produced; no global-norm clipping "
+                     "(train.max_grad_norm unused), and a non-finite step is counted, not skipped")
+    if t.optimizer == "adamw_cpu" and hw.device != "cuda":
+        notes.append("optimizer: adamw_cpu without a CUDA device is AdamW (its state is in host memory already)")
+    elif t.optimizer != "adamw":
+        return t.optimizer, notes
+    plain = "multi_tensor_adamw" if fast and hw.device == "cuda" and not t.optimizer_in_backward else "hf_default"
+    return plain, notes

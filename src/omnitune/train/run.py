@@ -24,9 +24,10 @@ from omnitune.model.load import load_processor, load_thinker
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
-from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
+from omnitune.train.callbacks import KeepActivations, MetricsLog, OffloadTowers, StepStarted
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import ThinkerLM
+from omnitune.train.memory import MemoryEstimate, check_fits
 from omnitune.train.plan import TrainingPlan, make_plan
 from omnitune.train.resume import CheckpointError, resumable_checkpoint
 from omnitune.train.trainer import OmniTrainer
@@ -39,6 +40,7 @@ class TrainResult:
     train_loss: float | None
     eval_loss: float | None
     plan: TrainingPlan | None = None
+    memory: MemoryEstimate | None = None
 
 
 def absolute_recipe(recipe: Recipe) -> Recipe:
@@ -172,6 +174,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if state.is_main_process:
         run.save_recipe(recipe)
     console.print("[bold]plan[/bold]\n  " + "\n  ".join(plan.lines()), highlight=False)
+    memory = check_fits(recipe, plan, config=thinker.config if thinker is not None else None, model=thinker,
+                        report=lambda line: console.print("  " + line, highlight=False))
 
     with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
         processor = load_processor(recipe.model)
@@ -183,15 +187,19 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         on_device = plan.hardware.device == "cuda" and recipe.adapter.method != "qlora"
         thinker = load_thinker(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
     model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
-                               report=console.print)
+                               report=console.print, offload_experts=plan.offload_experts)
     enable_selective_checkpointing(model, plan)
     print_summary(model, console)
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None, plan=plan)
     metrics = MetricsLog(run.metrics)
     callbacks = [metrics]
+    if plan.offload_towers:
+        callbacks.append(OffloadTowers(report=console.print))
     if plan.gradient_checkpointing and plan.uncheckpointed_layers:
-        callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print))
+        pending = memory.parts["grads"] + memory.parts["optimizer"] if memory is not None else None
+        callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print,
+                                         state_bytes=pending))
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
@@ -230,7 +238,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     console.print(f"[green]done[/]: {out.global_step} steps, train loss {train_loss:.4f} (mean over the run's "
                   "steps)" + (f", eval loss {eval_loss:.4f} (modality-weighted, over the eval set)"
                               if eval_loss is not None else "") + f" -> {run.root}")
-    return TrainResult(run, out.global_step, train_loss, eval_loss, plan)
+    return TrainResult(run, out.global_step, train_loss, eval_loss, plan, memory)
 
 
 def final_eval_loss(trainer: OmniTrainer) -> float:

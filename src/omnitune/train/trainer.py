@@ -19,7 +19,7 @@ from transformers.utils import logging
 from omnitune.train.cuda_graph import GraphCaptureError
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import PACKED_KEYS, Objective, packed_position_ids
-from omnitune.train.optimizer import MultiTensorAdamW, kernel_applies
+from omnitune.train.optimizer import MultiTensorAdamW, OptimizerInBackward, kernel_applies, low_memory_optimizer
 from omnitune.train.plan import TrainingPlan
 from omnitune.transfer import scalar
 
@@ -64,16 +64,29 @@ class OmniTrainer(Trainer):
         return optimizer
 
     def _create_optimizer(self, model=None):
+        plan = self.plan
+        if plan is not None and self.optimizer is None and (plan.optimizer_in_backward or plan.optimizer in (
+                "adamw8bit", "adamw4bit", "adamw_cpu")):
+            _, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = low_memory_optimizer(
+                plan.optimizer, self._parameter_groups(), lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
+                device=plan.hardware.device, offload_gradients=self.args.gradient_accumulation_steps == 1)
+            if plan.optimizer_in_backward:
+                self.optimizer = OptimizerInBackward(self.optimizer)
+            return self.optimizer
         if self.plan is not None and self.plan.optimizer == "hf_default" and self.optimizer is None:
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
-            decay = self.get_decay_parameter_names(self.model)
-            groups = [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n in decay],
-                       "weight_decay": self.args.weight_decay},
-                      {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay],
-                       "weight_decay": 0.0}]
-            self.optimizer = cls(groups, **kwargs)
+            self.optimizer = cls(self._parameter_groups(), **kwargs)
             return self.optimizer
         return super().create_optimizer(model)
+
+    def _parameter_groups(self) -> list[dict]:
+        """HF's two groups: weights that decay, and those that don't (biases, norms)."""
+        decay = self.get_decay_parameter_names(self.model)
+        return [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n in decay],
+                 "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay],
+                 "weight_decay": 0.0}]
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The objective's items (trained tokens) of an optimizer step's micro-batches, summed over processes."""
