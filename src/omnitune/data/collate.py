@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from omnitune.data.packing import pack_samples
+from omnitune.model.encoded_inputs import ENCODED_KEYS
 from omnitune.tokens import IGNORE_INDEX
 
 
@@ -86,30 +87,36 @@ class OmniCollator:
         packed = pack_samples([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
         counts = {name: torch.tensor([s[key].shape[0] if key in s else 0 for s in samples])
                   for name, key in (("image_counts", "image_grid_thw"), ("video_counts", "video_grid_thw"),
-                                    ("audio_counts", "input_features"))}
+                                    ("audio_counts", "feature_attention_mask"))}
         return {"input_ids": packed["input_ids"], "labels": packed["labels"], "seq_lengths": packed["seq_lengths"],
                 **counts}
 
 
 def media_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The samples' media in sample order: audio clips padded to the longest (+ frame masks), patches and grids
-    concatenated."""
+    """The samples' media in sample order: audio clips padded to the longest (+ frame masks), patches, grids and
+    stored tower outputs (data/encoder_cache.py; these keep only the frame masks of their audio) concatenated."""
     batch: dict[str, torch.Tensor] = {}
-    feats = [s for s in samples if "input_features" in s]
-    if feats:
-        frames = max(s["input_features"].shape[-1] for s in feats)
-        bins = feats[0]["input_features"].shape[1]
-        clips = sum(s["input_features"].shape[0] for s in feats)
-        x = torch.zeros((clips, bins, frames), dtype=feats[0]["input_features"].dtype)
-        fmask = torch.zeros((clips, frames), dtype=torch.long)
+    clips = [s for s in samples if "feature_attention_mask" in s]
+    if clips:
+        frames = max(s["feature_attention_mask"].shape[-1] for s in clips)
+        n = sum(s["feature_attention_mask"].shape[0] for s in clips)
+        fmask = torch.zeros((n, frames), dtype=torch.long)
+        feats = [s for s in clips if "input_features" in s]
+        if feats:
+            bins = feats[0]["input_features"].shape[1]
+            x = torch.zeros((n, bins, frames), dtype=feats[0]["input_features"].dtype)
         c = 0
-        for s in feats:
-            f, m = s["input_features"], s["feature_attention_mask"]
-            x[c:c + f.shape[0], :, :f.shape[-1]] = f
-            fmask[c:c + f.shape[0], :m.shape[-1]] = m
-            c += f.shape[0]
-        batch["input_features"], batch["feature_attention_mask"] = x, fmask
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
+        for s in clips:
+            m = s["feature_attention_mask"]
+            fmask[c:c + m.shape[0], :m.shape[-1]] = m
+            if feats:
+                x[c:c + m.shape[0], :, :s["input_features"].shape[-1]] = s["input_features"]
+            c += m.shape[0]
+        batch["feature_attention_mask"] = fmask
+        if feats:
+            batch["input_features"] = x
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid",
+                *ENCODED_KEYS):
         parts = [s[key] for s in samples if key in s]
         if parts:
             batch[key] = torch.cat(parts)
@@ -122,7 +129,7 @@ def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device)
-            if v.is_floating_point() and k in ("input_features", "pixel_values", "pixel_values_videos"):
+            if v.is_floating_point() and k in ("input_features", "pixel_values", "pixel_values_videos", *ENCODED_KEYS):
                 v = v.to(dtype)
         out[k] = v
     return out

@@ -70,6 +70,8 @@ class TrainingPlan:
     micro_batch_tokens: int  # the most tokens one micro-batch holds (padded or packed), for memory sizing
     router_trains: bool  # the MoE router's balance loss joins the objective
     unused_parameters: bool  # a trained tower gets no gradient from batches without its modality (DDP must know)
+    encoder_cache: bool = False  # train on stored frozen-tower outputs (data/encoder_cache.py)
+    encoder_cache_why: str = ""
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -89,6 +91,7 @@ class TrainingPlan:
                 + (f" (bucket {self.graph_bucket} tokens)" if self.cuda_graphs else ""),
                 f"activation checkpointing: {ckpt}",
                 f"batches: {'packed rows' if self.packing else 'padded'}, up to {self.micro_batch_tokens} tokens each",
+                f"encoder cache: {'on' if self.encoder_cache else 'off'}, {self.encoder_cache_why}",
                 *self.notes]
 
 
@@ -104,6 +107,25 @@ def trains_a_tower(recipe: Recipe) -> bool:
     towers = ("audio_tower", "audio_projector", "vision_tower", "vision_merger")
     return any(t in a.train for t in towers) or (a.method == "full" and not {"audio_tower", "vision_tower"}
                                                   <= set(a.freeze))
+
+
+def trains_an_encoder(recipe: Recipe) -> bool:
+    """Whether any weight of the audio/vision towers (projector and mergers included) trains or gets LoRA."""
+    tower_names = ("audio_tower", "visual")  # the towers' module paths (model/parts.py), for adapter.modules
+    return trains_a_tower(recipe) or any(t in m for m in recipe.adapter.modules for t in tower_names)
+
+
+def _encoder_cache(recipe: Recipe) -> tuple[bool, str]:
+    """(on, why): on by default when every tower weight is frozen; asking for it with a training tower is an error."""
+    asked = recipe.data.encoder_cache
+    if trains_an_encoder(recipe):
+        if asked:
+            raise RecipeError("data.encoder_cache=true needs the audio/vision towers frozen, but the adapter trains "
+                              "or adapts one: set data.encoder_cache=false or freeze the towers")
+        return False, "a tower trains, so its outputs change every step"
+    if asked is False:
+        return False, "data.encoder_cache=false"
+    return True, "the frozen towers run once before training; batches carry their stored outputs"
 
 
 def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> str | None:
@@ -141,8 +163,9 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     fast = recipe.model.experts == "omnitune"
     why_not = _why_no_graphs(recipe, hw, fast, strategy)
     graphs = why_not is None
-    why = ("batches with images or video run eagerly (the vision towers' shapes depend on the data)"
-           if graphs else why_not)
+    cached, cached_why = _encoder_cache(recipe)
+    why = ("text and media batches alike: towers (or their stored outputs) and M-RoPE positions run eagerly before "
+           "the graphed decoder" if graphs else why_not)
     tokens = t.batch_size * recipe.data.max_length
     if graphs:
         tokens = -(-tokens // t.graph_bucket) * t.graph_bucket
@@ -154,4 +177,5 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
         preserve_rng_state=not graphs, packing=recipe.data.packing, micro_batch_tokens=tokens,
-        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe))
+        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe), encoder_cache=cached,
+        encoder_cache_why=cached_why)

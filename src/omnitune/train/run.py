@@ -182,8 +182,16 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         # (~54 GiB for the real Thinker) never have to fit on the card
         on_device = plan.hardware.device == "cuda" and recipe.adapter.method != "qlora"
         thinker = load_thinker(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
+    if plan.encoder_cache:  # the frozen towers run once here; training reads their stored outputs
+        from omnitune.data.encoder_cache import with_encoder_outputs
+
+        train_ds, eval_ds = with_encoder_outputs([train_ds, eval_ds], thinker, plan.hardware.device_str, console)
     model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
                                report=console.print)
+    if plan.encoder_cache:
+        from omnitune.data.encoder_cache import towers_to_host
+
+        towers_to_host(model)
     enable_selective_checkpointing(model, plan)
     print_summary(model, console)
 
