@@ -6,11 +6,7 @@ import torch
 from transformers import TrainingArguments
 
 from omnitune.data.collate import OmniCollator
-from omnitune.data.encoder_cache import (
-    encode_dataset,
-    weights_fingerprint,
-    with_encoder_outputs,
-)
+from omnitune.data.encoder_cache import encode_dataset, weights_fingerprint, with_encoder_outputs
 from omnitune.data.synthetic import make_demo_dataset
 from omnitune.model.encoded_inputs import ENCODED_KEYS
 from omnitune.recipe import RecipeError, load_recipe

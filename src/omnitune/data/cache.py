@@ -231,13 +231,7 @@ def remove_orphans(root: Path) -> None:
 def _render_all(data: DataConfig, processor, processor_dir: Path, records: list, path: Path, console,
                 writer: "ShardWriter") -> list[str]:
     """Render valid records (in worker processes when worth it) into `writer` in file order; return the skipped."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     skipped: list[str] = []
     norms = pixel_norms(processor)

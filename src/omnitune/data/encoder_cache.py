@@ -110,20 +110,9 @@ def encode_samples(thinker: torch.nn.Module, samples: list[dict[str, Any]]) -> l
 def encode_dataset(thinker: torch.nn.Module, dataset, console=None) -> Path:
     """The folder of a prepared file's tower outputs (`dataset.dir/encoded-<fingerprint>`), computed now when it is
     missing or damaged; every sample of the prepared file is encoded, whatever subset `dataset` is."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from omnitune.data.cache import (
-        CachedDataset,
-        ShardWriter,
-        cache_problem,
-        remove_orphans,
-    )
+    from omnitune.data.cache import CachedDataset, ShardWriter, cache_problem, remove_orphans
 
     console = console or _console()
     fingerprint = weights_fingerprint(thinker)

@@ -10,9 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
-    BaseModelOutputWithDeepstackFeatures,
-)
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import BaseModelOutputWithDeepstackFeatures
 
 # per sample: [tokens, H] outputs, and [tokens, deepstack layers, H] for the vision deepstack features
 ENCODED_KEYS = ("audio_embeds", "image_embeds", "image_deepstack", "video_embeds", "video_deepstack")

@@ -18,9 +18,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
-    load_balancing_loss_func,
-)
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
 from omnitune.data.collate import HOST_KEYS
 from omnitune.model import parts
