@@ -165,7 +165,8 @@ def with_encoder_outputs(datasets: list, thinker: torch.nn.Module, device: str, 
 
 def towers_to_host(thinker: torch.nn.Module) -> None:
     """Move the towers to the host once their outputs are stored, and say so in `hf_device_map`, which HF's Trainer
-    and accelerate read before moving a model onto its device: training never holds the towers on the GPU."""
+    and accelerate read before moving a model onto its device: training never holds the towers on the GPU. One
+    process only: DDP wants every parameter on the process's device (and accelerate refuses such maps under it)."""
     base = parts.unwrap(thinker)
     device = next(p.device for n, p in base.named_parameters() if "language_model" in n)
     if device.type == "cpu":
@@ -173,10 +174,12 @@ def towers_to_host(thinker: torch.nn.Module) -> None:
     names = parts.module_names(base, "audio_tower") + parts.module_names(base, "vision_tower")
     for tower in towers(base):
         tower.to("cpu")
-    rest = {n: str(device) for n, _ in base.named_children() if n != "model"}
-    rest.update({f"model.{n}": str(device) for n, _ in base.model.named_children()
-                 if f"model.{n}" not in names})
-    base.hf_device_map = {**rest, **dict.fromkeys(names, "cpu")}
+    # the map lists whole modules: the backbone's other children and the Thinker's other children
+    (backbone,) = parts.module_names(base, "backbone")
+    on_device = [n for n, _ in base.named_children() if n != backbone]
+    on_device += [f"{backbone}.{n}" for n, _ in parts.module(base, "backbone").named_children()
+                  if f"{backbone}.{n}" not in names]
+    base.hf_device_map = {**dict.fromkeys(on_device, str(device)), **dict.fromkeys(names, "cpu")}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -185,10 +185,11 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if plan.encoder_cache:  # the frozen towers run once here; training reads their stored outputs
         from omnitune.data.encoder_cache import with_encoder_outputs
 
-        train_ds, eval_ds = with_encoder_outputs([train_ds, eval_ds], thinker, plan.hardware.device_str, console)
+        with state.main_process_first():  # one process encodes, the others find its outputs
+            train_ds, eval_ds = with_encoder_outputs([train_ds, eval_ds], thinker, plan.hardware.device_str, console)
     model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
                                report=console.print)
-    if plan.encoder_cache:
+    if plan.encoder_cache and plan.world_size == 1:
         from omnitune.data.encoder_cache import towers_to_host
 
         towers_to_host(model)
