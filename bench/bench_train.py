@@ -9,7 +9,9 @@ everything after loading is the product's code. The data (`--data`, each kind a 
 about `--seq` tokens written as JSONL with real media files and prepared by the data pipeline:
 - `text`: 1/8 prompt, 7/8 answer;
 - `image_audio`: a 448x448 image and 10 s of audio in the prompt (196 + 130 tokens), the rest text;
-- `video`: 30 s of 352x352 video at 2 fps with its audio track (use_audio_in_video: 3630 + 390 tokens).
+- `video`: 30 s of 320x320 video at 2 fps with its audio track (use_audio_in_video: 3000 + 390 tokens).
+Each row's text fills up to the same length as the text row's samples (~3940 tokens at --seq 4096), so that every
+row is one 4096-token graph bucket.
 Media rows build the Thinker with real-width audio and vision towers. With the encoder cache on (the default for
 frozen towers, `ours`), the towers run once before training (`encode_s`); where it is off (`ours-nocache`, and the
 plain `peft` path, which runs the towers in every step as transformers + PEFT do) the towers' GPU time per step is
@@ -53,7 +55,7 @@ RUNS: dict[str, list[str]] = {
 TINY = bool(os.environ.get("BENCH_TINY"))
 # per data kind: (image side, audio seconds, video seconds, video side); BENCH_TINY shrinks them for a CPU dry run
 MEDIA = {"text": (0, 0.0, 0.0, 0), "image_audio": (64, 1.0, 0.0, 0) if TINY else (448, 10.0, 0.0, 0),
-         "video": (0, 0.0, 2.0, 64) if TINY else (0, 0.0, 30.0, 352)}
+         "video": (0, 0.0, 2.0, 64) if TINY else (0, 0.0, 30.0, 320)}
 BASE = ["adapter.rank=16", "adapter.alpha=32", "train.batch_size=1", "train.grad_accum=1", "train.lr=1e-5",
         "train.warmup_ratio=0", "train.save_steps=100000", "train.logging_steps=100000", "log.tensorboard=false",
         "data.workers=1", "model.path=tiny"]  # the tiny checkpoint only lends its processor (the real tokenizer)
@@ -107,7 +109,7 @@ def write_conversations(path: Path, tokenizer, n: int, seq: int, seed: int, kind
 
     media = write_media(path.parent / "media", kind) if kind != "text" else []
     extra = media_tokens(kind)
-    seq = max(64, seq - extra)  # the text around the media
+    seq = max(64, seq - extra - 160 * (extra > 0))  # the text around the media: as long as a text row's in all
     rng = random.Random(seed)
     words = [w for w in (tokenizer.decode([i]).strip() for i in rng.sample(range(1000, 60000), 4000))
              if w.isalpha() and len(w) > 2]

@@ -83,7 +83,7 @@ def test_the_trainer_bench_dry_runs_both_paths_through_omnitune_train(tmp_path):
     assert any("omnitune fused kernels" in line for line in ours["plan"])
     assert any("transformers + PEFT (plain)" in line for line in peft["plan"])
     assert 64 <= ours["tokens"] <= 96 and ours["ms"] > 0 and len(ours["step_intervals_ms"]) == 2
-    assert "| ours | omnitune train (r16, 2 layers) |" in res.stdout
+    assert "| ours | text | omnitune train (r16, 2 layers) |" in res.stdout
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_the_trainer_bench_dry_runs_media_rows_with_and_without_the_encoder_cach
         ("ours", "image_audio", True), ("ours-nocache", "image_audio", False), ("peft", "image_audio", False),
         ("ours", "video", True), ("ours-nocache", "video", False), ("peft", "video", False)]
     by = {(r["run"], r["data"]): r for r in results}
-    assert by[("ours", "video")]["tokens"] == by[("peft", "video")]["tokens"] > 128  # the same samples
+    assert by[("ours", "video")]["tokens"] == by[("peft", "video")]["tokens"] > 64  # the same samples
     assert by[("ours", "image_audio")]["encode_s"] > 0 and by[("peft", "image_audio")]["encode_s"] == 0
     assert "| ours | video | omnitune train (r16, 1 layers) |" in res.stdout and "| cached |" in res.stdout
 

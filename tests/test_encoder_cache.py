@@ -120,22 +120,55 @@ def test_the_plan_turns_the_cache_on_when_the_towers_are_frozen():
         plan("adapter.train=[vision_merger]", "data.encoder_cache=true")
 
 
-def test_the_graphed_step_on_stored_outputs_gives_the_eager_loss_of_the_towers(setup, tmp_path):
-    """The positions stage of the CUDA-graph step (train/graphed_step.py) on a cached image + video + audio batch:
-    the same loss and LoRA gradients as the eager step running the towers (GraphedGrads runs eagerly on a CPU)."""
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("layout", [False, True])
+def test_the_graphed_step_on_stored_outputs_gives_the_eager_loss_of_the_towers(setup, tmp_path, packing, layout):
+    """The positions stage of the CUDA-graph step (train/graphed_step.py) on a cached image + video + audio batch,
+    with and without the collator's host layout (train/host_layout.py: positions and media token positions, so
+    nothing is read back): the same loss and LoRA gradients as the eager step running the towers (GraphedGrads runs
+    eagerly on a CPU)."""
     from omnitune.train.graphed_step import GraphedTrainStep
+    from omnitune.train.host_layout import HostLayout
+    from omnitune.train.objectives import PACKED_KEYS, packed_position_ids
 
-    _, raw, cached, model, collate = setup
+    recipe, raw, cached, model, plain = setup
     rows = list(range(len(raw)))
-    loss_r, g_r = loss_and_grads(model, collate([raw[i] for i in rows]), tmp_path)
-    step = GraphedTrainStep(model.base_model.model, [p for p in model.parameters() if p.requires_grad], bucket=64)
-    model.zero_grad(set_to_none=True)
+    thinker = model.base_model.model
+    loss_r, g_r = loss_and_grads(model, plain([raw[i] for i in rows]), tmp_path)
+    step = GraphedTrainStep(thinker, [p for p in model.parameters() if p.requires_grad], bucket=64)
+    collate = OmniCollator(plain.pad_token_id, recipe.train.loss_weights, packing=packing,
+                           layout=HostLayout(step.backbone) if layout else None)
     batch = collate([cached[i] for i in rows])
     assert batch["image_deepstack"].shape[1] >= 1 and "video_embeds" in batch and "audio_embeds" in batch
-    args = step.prepare(dict(batch), None, None)
-    assert args[7].shape[:2] == (batch["image_deepstack"].shape[1], len(rows))  # dense deepstack [layers, B, ...]
-    loss_g = step(dict(batch), None, None).detach()
+    assert ("image_index" in batch and "position_ids" in batch) == layout
+    position_ids = batch.pop("position_ids", None)
+    if packing:
+        packed = [batch.pop(k) for k in PACKED_KEYS]
+        position_ids = packed_position_ids(step.backbone, batch, *packed) if position_ids is None else position_ids
+    merged = []
+    merge_at = step._merge_at
+    step._merge_at = lambda inputs: merged.append(1) or merge_at(inputs)
+    args = step.prepare(dict(batch), position_ids, None)
+    assert bool(merged) == layout  # the read-back-free merge runs where the collator gave the positions
+    assert args[7].shape[:1] == batch["image_deepstack"].shape[1:2]  # the dense deepstack [layers, B, L, H]
+    assert args[7].shape[1:3] == args[0].shape[:2]
+    model.zero_grad(set_to_none=True)
+    loss_g = step(dict(batch), position_ids, None).detach()
     g_g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.testing.assert_close(loss_g, loss_r, rtol=1e-5, atol=1e-6)
     for name in g_r:
         torch.testing.assert_close(g_g[name], g_r[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_host_layout_gives_the_forwards_own_positions(setup):
+    """The collator's M-RoPE positions (get_rope_index on the host) are the ones the Thinker's forward computes."""
+    from omnitune.train.graphed_step import GraphedTrainStep, decoder_inputs
+    from omnitune.train.host_layout import HostLayout
+
+    recipe, raw, cached, model, plain = setup
+    step = GraphedTrainStep(model.base_model.model, [p for p in model.parameters() if p.requires_grad])
+    batch = plain([raw[i] for i in range(len(raw))])
+    host = HostLayout(step.backbone)(batch)
+    staged = decoder_inputs(step.backbone, step.language_model, batch, None)
+    assert torch.equal(host["position_ids"], staged["position_ids"])
+    assert host["position_ids"][:, :, -1].max() < batch["input_ids"].shape[1]  # video/image rows compress positions

@@ -18,6 +18,7 @@ token, [1, N]. There is no attention_mask: the model masks attention per sample 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Mapping
 
 import torch
@@ -43,16 +44,18 @@ class OmniCollator:
     """Pad (or, with `packing`, pack) and concatenate rendered samples into one model batch."""
 
     def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any = None, packing: bool = False,
-                 host_counts: bool = False):
+                 host_counts: bool = False, layout: Callable[[dict], dict] | None = None):
         """`loss_weights` None: no `sample_weight` (scoring and generation weigh every sample alike).
         `host_counts`: also `trained_tokens` (int) and, for padded batches, `right_padded` (True): what the trainer
-        would otherwise read back from the GPU every step (train/graphed_step.py)."""
+        would otherwise read back from the GPU every step (train/graphed_step.py). `layout`: adds what a media
+        batch's graphed step would read back (M-RoPE positions, media token positions: train/host_layout.py)."""
         self.pad_token_id = pad_token_id
         if hasattr(loss_weights, "model_dump"):
             loss_weights = loss_weights.model_dump()
         self.weights = None if loss_weights is None else dict(loss_weights)
         self.packing = packing
         self.host_counts = host_counts
+        self.layout = layout
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self._packed_tokens(samples) if self.packing else self._padded_tokens(samples)
@@ -62,6 +65,8 @@ class OmniCollator:
                 batch["right_padded"] = True  # `_padded_tokens` pads at the end of each row
         batch.update(media_batch(samples))
         batch["use_audio_in_video"] = any(bool(s.get("use_audio_in_video")) for s in samples)
+        if self.layout is not None:
+            batch.update(self.layout(batch))
         if self.weights is None:
             return batch
         weights = torch.tensor([sample_weight(s["modalities"], self.weights) for s in samples], dtype=torch.float32)

@@ -12,9 +12,10 @@ Invalidation: the token cache's own key (data file, media, data section, process
 fingerprint of the tower weights and dtype: other weights are encoded again, into their own folder. Like the token
 cache, a folder is built under a temporary name, renamed into place, and checked by SHA-256 before it is read.
 
-Disk per sample (hidden 2048, bf16, 3 deepstack layers): 4 KiB per audio token (13 per second of audio: 52 KiB/s),
-16 KiB per visual token (a 448x448 image is 196 tokens: 3.1 MiB; a second of video at 2 fps and 352x352 frames is
-121 tokens: 1.9 MiB), several times the packed pixels it replaces (1.2 MiB for that image).
+Disk per sample (hidden 2048, bf16, 3 deepstack layers; computed from the shapes): 4 KiB per audio token (13 per
+second of audio: 52 KiB/s), 16 KiB per visual token (a 448x448 image is 196 tokens: 3.1 MiB; a second of video at
+2 fps and 320x320 frames is 100 tokens: 1.6 MiB), about three times the packed pixels it replaces (1.1 MiB for
+that image).
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import BaseModel
 
 # per sample: [tokens, H] outputs, and [tokens, deepstack layers, H] for the vision deepstack features
 ENCODED_KEYS = ("audio_embeds", "image_embeds", "image_deepstack", "video_embeds", "video_deepstack")
+# per batch, when the collator adds them (train/host_layout.py): where each modality's tokens are, flat
+INDEX_KEYS = ("audio_index", "image_index", "video_index")
 
 
 def has_encoded(batch: dict[str, Any]) -> bool:
@@ -25,7 +27,7 @@ def forward_inputs(backbone: torch.nn.Module, batch: dict[str, Any]) -> dict[str
     `inputs_embeds` (audio merged) and `mm_encoder_outputs` (images, video); a batch without them is returned as is."""
     if not has_encoded(batch):
         return batch
-    out = {k: v for k, v in batch.items() if k not in ENCODED_KEYS}
+    out = {k: v for k, v in batch.items() if k not in ENCODED_KEYS and k not in INDEX_KEYS}
     ids = batch["input_ids"]
     embeds = backbone.get_input_embeddings()(ids)
     audio = batch.get("audio_embeds")

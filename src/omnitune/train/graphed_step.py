@@ -30,7 +30,7 @@ from transformers.masking_utils import create_causal_mask
 
 from omnitune.kernels.loss import chunked_linear_cross_entropy
 from omnitune.model import parts
-from omnitune.model.encoded_inputs import forward_inputs
+from omnitune.model.encoded_inputs import forward_inputs, has_encoded
 from omnitune.tokens import IGNORE_INDEX
 from omnitune.train.cuda_graph import GraphCaptureError, GraphedGrads
 from omnitune.train.loss import weighted_loss
@@ -170,6 +170,35 @@ class GraphedTrainStep:
         reduced = self.row_counts.setdefault(shape, need)
         return reduced if need <= reduced else total
 
+    @staticmethod
+    def _index_keys(inputs: dict) -> list[str]:
+        """The collator's media positions (train/host_layout.py) a batch of stored tower outputs needs; a batch
+        without stored outputs gets a key no batch has (the towers run)."""
+        if not has_encoded(inputs):
+            return ["-"]
+        return [f"{kind}_index" for kind in ("audio", "image", "video") if inputs.get(f"{kind}_embeds") is not None]
+
+    @torch.no_grad()
+    def _merge_at(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with the stored tower outputs written at the collator's flat positions, and the dense
+        deepstack [layers, B, L, H]: the forward's masked scatters, as `index_copy_` with host-known positions."""
+        ids = inputs["input_ids"]
+        embeds = self.backbone.get_input_embeddings()(ids)
+        flat = embeds.view(-1, embeds.shape[-1])
+        deep = None
+        for kind in ("audio", "image", "video"):
+            values = inputs.get(f"{kind}_embeds")
+            if values is None:
+                continue
+            index = inputs[f"{kind}_index"]
+            flat.index_copy_(0, index, values.to(flat.dtype))
+            if kind != "audio":
+                features = inputs[f"{kind}_deepstack"].to(flat.dtype).transpose(0, 1)  # [layers, tokens, H]
+                if deep is None:
+                    deep = flat.new_zeros(features.shape[0], flat.shape[0], flat.shape[1])
+                deep.index_copy_(1, index, features)
+        return embeds, None if deep is None else deep.view(deep.shape[0], *embeds.shape)
+
     @torch.no_grad()
     def _embed(self, inputs: dict) -> torch.Tensor:
         """Token embeddings with the audio tower's features (or their stored outputs) merged in, as the Thinker's
@@ -216,7 +245,9 @@ class GraphedTrainStep:
         ids, labels = inputs["input_ids"], inputs["labels"]
         attention_mask = inputs.get("attention_mask")
         deepstack = None
-        if any(inputs.get(k) is not None for k in VISION_KEYS):
+        if position_ids is not None and all(inputs.get(k) is not None for k in self._index_keys(inputs)):
+            embeds, deepstack = self._merge_at(inputs)  # the collator's layout: nothing read back
+        elif any(inputs.get(k) is not None for k in VISION_KEYS):
             staged = decoder_inputs(self.backbone, self.language_model, inputs, position_ids)
             embeds, position_ids = staged["inputs_embeds"], staged["position_ids"]
             if staged.get("deepstack_visual_embeds") is not None:

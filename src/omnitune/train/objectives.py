@@ -78,7 +78,8 @@ class ThinkerLM:
         thinker, backbone, head = self._resolve(model)
         if "seq_lengths" in inputs:  # a packed row (data.packing): no attention_mask, positions per sample
             packed = [inputs.pop(k) for k in PACKED_KEYS]
-            inputs["position_ids"] = packed_position_ids(backbone, inputs, *packed)
+            if "position_ids" not in inputs:  # else the collator computed them (train/host_layout.py)
+                inputs["position_ids"] = packed_position_ids(backbone, inputs, *packed)
         inputs = forward_inputs(backbone, inputs)  # stored tower outputs, when the batch has them
         want_router = self.router_aux_coef > 0 and model.training
         out = backbone(**inputs, output_router_logits=want_router, use_cache=False)

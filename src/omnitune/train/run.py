@@ -26,6 +26,7 @@ from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
 from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
 from omnitune.train.guard import NonFiniteGuard
+from omnitune.train.host_layout import HostLayout
 from omnitune.train.objectives import ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
 from omnitune.train.resume import CheckpointError, resumable_checkpoint
@@ -210,7 +211,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, objective=objective, plan=plan,
         guard=guard,
         data_collator=OmniCollator(pad_id(processor.tokenizer), recipe.train.loss_weights, packing=plan.packing,
-                                   host_counts=True),
+                                   host_counts=True, layout=HostLayout(parts.module(thinker, "backbone"))
+                                   if plan.cuda_graphs else None),
         callbacks=callbacks)
     started = StepStarted()
     trainer.add_callback(started)

@@ -144,9 +144,11 @@ class OmniTrainer(Trainer):
             return self._eager_step(model, inputs, num_items_in_batch, reason)
         model.train()
         batch = dict(inputs)
-        position_ids = None
+        position_ids = batch.pop("position_ids", None)  # the collator's, computed on the host (train/host_layout.py)
         if "seq_lengths" in batch:
-            position_ids = packed_position_ids(self.graphed.backbone, batch, *[batch.pop(k) for k in PACKED_KEYS])
+            packed = [batch.pop(k) for k in PACKED_KEYS]
+            if position_ids is None:
+                position_ids = packed_position_ids(self.graphed.backbone, batch, *packed)
         try:
             with self.compute_loss_context_manager():
                 loss = self.graphed(batch, position_ids, num_items_in_batch)
