@@ -44,8 +44,9 @@ CACHE_VERSION = 3
 SHARD_BYTES = 256 << 20
 # Rendered in the main process before worker processes are started (see _render_all).
 INLINE_SECONDS = 5.0
-# packing: the collator's; encoder_cache: stored beside the tokens under its own key (data/encoder_cache.py)
-_KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir", "packing", "encoder_cache")
+# packing, group_by_length: the collator's and the sampler's; encoder_cache: stored beside the tokens under its own key (data/encoder_cache.py)
+_KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir", "packing", "encoder_cache",
+                 "group_by_length")
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -89,6 +90,11 @@ class CachedDataset(torch.utils.data.Dataset):
     def with_encoded(self, folder: str | Path) -> "CachedDataset":
         """These samples with the towers' stored outputs (a folder `encoder_cache.encode_dataset` wrote)."""
         return CachedDataset(self.dir, self.indices, folder)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The token count of each sample (from the manifest: no sample is read)."""
+        return [self.manifest["lengths"][k] for k in self.indices]
 
     @property
     def lines(self) -> list[int]:

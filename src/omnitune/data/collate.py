@@ -97,6 +97,17 @@ class OmniCollator:
                 **counts}
 
 
+def padding_ratio(lengths: list[int], order: list[int], batch_size: int, multiple: int = 1) -> float:
+    """The share of a padded batch's tokens that are padding, over batches of `batch_size` samples taken in
+    `order`, each padded to its longest sample rounded up to `multiple` (the CUDA-graph bucket)."""
+    real = padded = 0
+    for i in range(0, len(order), batch_size):
+        batch = [lengths[k] for k in order[i:i + batch_size]]
+        real += sum(batch)
+        padded += len(batch) * -(-max(batch) // multiple) * multiple
+    return 1 - real / padded if padded else 0.0
+
+
 def media_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """The samples' media in sample order: audio clips padded to the longest (+ frame masks), patches, grids and
     stored tower outputs (data/encoder_cache.py; these keep only the frame masks of their audio) concatenated."""

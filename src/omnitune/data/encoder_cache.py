@@ -169,7 +169,7 @@ def towers_to_host(thinker: torch.nn.Module) -> None:
     and accelerate read before moving a model onto its device: training never holds the towers on the GPU. One
     process only: DDP wants every parameter on the process's device (and accelerate refuses such maps under it)."""
     base = parts.unwrap(thinker)
-    device = next(p.device for n, p in base.named_parameters() if "language_model" in n)
+    device = next(parts.stack_model(base, "text").parameters()).device
     if device.type == "cpu":
         return
     names = parts.module_names(base, "audio_tower") + parts.module_names(base, "vision_tower")

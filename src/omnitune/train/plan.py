@@ -70,6 +70,7 @@ class TrainingPlan:
     micro_batch_tokens: int  # the most tokens one micro-batch holds (padded or packed), for memory sizing
     router_trains: bool  # the MoE router's balance loss joins the objective
     unused_parameters: bool  # a trained tower gets no gradient from batches without its modality (DDP must know)
+    group_by_length: bool = False  # HF's length-grouped sampler (padded batches of several samples)
     encoder_cache: bool = False  # train on stored frozen-tower outputs (data/encoder_cache.py)
     encoder_cache_why: str = ""
     notes: tuple[str, ...] = field(default=())
@@ -90,7 +91,8 @@ class TrainingPlan:
                 f"CUDA graphs: {'on' if self.cuda_graphs else 'off'}, {self.cuda_graphs_why}"
                 + (f" (bucket {self.graph_bucket} tokens)" if self.cuda_graphs else ""),
                 f"activation checkpointing: {ckpt}",
-                f"batches: {'packed rows' if self.packing else 'padded'}, up to {self.micro_batch_tokens} tokens each",
+                f"batches: {'packed rows' if self.packing else 'padded'}"
+                + (", length-grouped" if self.group_by_length else "") + f", up to {self.micro_batch_tokens} tokens each",
                 f"encoder cache: {'on' if self.encoder_cache else 'off'}, {self.encoder_cache_why}",
                 *self.notes]
 
@@ -126,6 +128,15 @@ def _encoder_cache(recipe: Recipe) -> tuple[bool, str]:
     if asked is False:
         return False, "data.encoder_cache=false"
     return True, "the frozen towers run once before training; batches carry their stored outputs"
+
+
+def _group_by_length(recipe: Recipe) -> bool:
+    """data.group_by_length, by default on where it lowers padding: padded batches of more than one sample."""
+    asked = recipe.data.group_by_length
+    if asked and recipe.data.packing:
+        raise RecipeError("data.group_by_length and data.packing are both on: a packed row has no padding to "
+                          "lower; turn one of them off")
+    return asked if asked is not None else recipe.train.batch_size > 1 and not recipe.data.packing
 
 
 def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> str | None:
@@ -177,5 +188,6 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
         preserve_rng_state=not graphs, packing=recipe.data.packing, micro_batch_tokens=tokens,
-        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe), encoder_cache=cached,
+        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe),
+        group_by_length=_group_by_length(recipe), encoder_cache=cached,
         encoder_cache_why=cached_why)

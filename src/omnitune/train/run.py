@@ -87,7 +87,8 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         activation_checkpointing=plan.gradient_checkpointing and plan.checkpoint_policy == "full",
         activation_checkpointing_kwargs=ckpt_kwargs if plan.gradient_checkpointing else None,
         # no per-step isnan read-back: non-finite steps are caught on the device (train/guard.py)
-        logging_steps=t.logging_steps, logging_nan_inf_filter=False, save_strategy="steps", save_steps=t.save_steps,
+        logging_steps=t.logging_steps, logging_nan_inf_filter=False,
+        train_sampling_strategy="group_by_length" if plan.group_by_length else "random", save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
@@ -98,6 +99,24 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         # DDP: towers trained in full (modules_to_save) get no gradient from batches without their modality
         ddp_find_unused_parameters=plan.unused_parameters if plan.world_size > 1 else None,
     )
+
+
+def padding_report(lengths: list[int], batch_size: int, plan: TrainingPlan, seed: int = 0) -> str:
+    """One line: the share of padding in the padded batches this run makes (one epoch's order drawn as the sampler
+    draws it), beside what random order would give."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from omnitune.data.collate import padding_ratio
+
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(lengths), generator=generator).tolist()
+    multiple = plan.graph_bucket if plan.cuda_graphs else 1
+    bucket = f", rounded up to the {multiple}-token graph bucket" if multiple > 1 else ""
+    if not plan.group_by_length:
+        return f"padding: {100 * padding_ratio(lengths, shuffled, batch_size, multiple):.1f}% of batch tokens{bucket}"
+    grouped = get_length_grouped_indices(lengths, batch_size, generator=generator)
+    return (f"padding: {100 * padding_ratio(lengths, grouped, batch_size, multiple):.1f}% of batch tokens{bucket} "
+            f"(length-grouped; {100 * padding_ratio(lengths, shuffled, batch_size, multiple):.1f}% in random order)")
 
 
 def print_summary(model: torch.nn.Module, console: Console) -> None:
@@ -177,6 +196,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
         processor = load_processor(recipe.model)
         train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
+    if not plan.packing:
+        console.print(padding_report(train_ds.lengths, recipe.train.batch_size, plan), highlight=False)
     set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run (every process)
     if thinker is None:
         # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
