@@ -57,19 +57,22 @@ def weights_fingerprint(thinker: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _tower_batches(samples: list[dict[str, Any]]) -> list[list[int]]:
-    """Consecutive sample indices grouped up to BATCH_TOKENS tower input tokens (at least one sample each)."""
-    groups: list[list[int]] = [[]]
+def _tower_batches(dataset):
+    """The dataset's samples in order, in consecutive groups of up to BATCH_TOKENS tower input tokens (at least one
+    sample each), read as they are needed: a large file is never held in memory at once."""
+    group: list[dict[str, Any]] = []
     size = 0
-    for i, s in enumerate(samples):
+    for i in range(len(dataset)):
+        s = dataset[i]
         n = sum(int(s[k].shape[0]) for k in ("pixel_values", "pixel_values_videos") if k in s)
         n += int(s["feature_attention_mask"].sum()) if "feature_attention_mask" in s else 0
-        if groups[-1] and size + n > BATCH_TOKENS:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
+        if group and size + n > BATCH_TOKENS:
+            yield group
+            group, size = [], 0
+        group.append(s)
         size += n
-    return [g for g in groups if g]
+    if group:
+        yield group
 
 
 @torch.no_grad()
@@ -91,7 +94,7 @@ def encode_samples(thinker: torch.nn.Module, samples: list[dict[str, Any]]) -> l
             raise ValueError(f"{key}: the towers gave {values.shape[0]} tokens, the samples hold {sum(counts)}")
         for out, part in zip(outs, values.cpu().split(counts)):
             if part.shape[0]:
-                out[key] = part.contiguous()
+                out[key] = part.clone()  # its own storage: a view would save the whole batch's with each sample
 
     if "input_features" in media:
         audio = backbone.get_audio_features(media["input_features"].to(dtype), media["feature_attention_mask"],
@@ -129,13 +132,12 @@ def encode_dataset(thinker: torch.nn.Module, dataset, console=None) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-encoded-", dir=full.dir.parent))
     try:
         writer = ShardWriter(work / "out")
-        samples = [full[i] for i in range(len(full))]
         columns = (TextColumn(f"encoding media of {escape(Path(full.manifest['source']).name)}"), BarColumn(),
                    MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("encode", total=len(samples))
-            for group in _tower_batches(samples):
-                for out in encode_samples(thinker, [samples[i] for i in group]):
+            task = bar.add_task("encode", total=len(full))
+            for group in _tower_batches(full):
+                for out in encode_samples(thinker, group):
                     writer.add(out)
                 bar.advance(task, len(group))
         writer.finish(fingerprint, source=Path(full.manifest["source"]))
