@@ -137,7 +137,7 @@ def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes
     parameters' gradients and AdamW states (3 copies; one more per DDP gradient bucket copy, `replicas` > 1), the
     checkpoint boundaries (one [tokens, hidden] per layer), one layer's recompute (x2 for its backward) and a
     reserve."""
-    device = next(model.parameters()).device
+    device = next(parts.decoder_layers(model, stack)[0].parameters()).device  # the towers may be on the host
     total = torch.cuda.get_device_properties(device).total_memory
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     layers = parts.decoder_layers(model, stack)
