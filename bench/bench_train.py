@@ -244,7 +244,8 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
                                       f"train.max_steps={total_steps}"])
     processor = load_processor(recipe.model)
     longest = write_conversations(work / "train.jsonl", processor.tokenizer, total_steps, seq, seed=0, kind=data)
-    media = [f"data.max_length={max(longest, seq) + (256 if data != 'text' else 0)}"]
+    # the same max_length as the text rows: it sizes the micro-batch that `auto` keeps activations for
+    media = [f"data.max_length={max(longest, seq)}"]
     if data == "video":
         media.append("data.use_audio_in_video=true")
     recipe = load_recipe("instruct", [*BASE, *RUNS.get(name, []), *overrides, f"output_dir={work / 'run'}",
