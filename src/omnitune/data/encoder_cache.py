@@ -2,11 +2,12 @@
 
 Why: with the towers frozen (every LoRA recipe) their outputs for a sample never change, yet the plain path runs
 them in every step, eagerly, with data-dependent shapes: at 8 layers a media step was 6-7x a text step (issue 22).
-Here each prepared data file's samples go through the towers once, in batches (on the GPU when there is one), and
-each sample's outputs are stored in its cache directory under `encoded-<weights fingerprint>/`: `audio_embeds`
-[audio tokens, H], `image_embeds` / `video_embeds` [tokens, H] and their deepstack features `image_deepstack` /
-`video_deepstack` [tokens, deepstack layers, H], in the towers' dtype. A training sample then carries these in place
-of its mel features and pixels (`CachedDataset`), and model/encoded_inputs.py feeds them to the Thinker's forward.
+Here each prepared data file's samples go through the towers once (`omnitune prepare`, else the start of
+`omnitune train`), in batches (on the GPU when there is one), and each sample's outputs are stored in its cache
+directory under `encoded-<weights fingerprint>/`: `audio_embeds` [audio tokens, H], `image_embeds` /
+`video_embeds` [tokens, H] and their deepstack features `image_deepstack` / `video_deepstack` [tokens, deepstack
+layers, H], in the towers' dtype. A training sample then carries these in place of its mel features and pixels
+(`CachedDataset`), and model/encoded_inputs.py feeds them to the Thinker's forward.
 
 Invalidation: the token cache's own key (data file, media, data section, processor, data/cache.py), plus the
 fingerprint of the tower weights and dtype: other weights are encoded again, into their own folder. Like the token
@@ -145,7 +146,27 @@ def encode_dataset(thinker: torch.nn.Module, dataset, console=None) -> Path:
         os.replace(work / "out", final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    console.print(f"encoded the media of {len(full)} samples once: {escape(str(final))}", highlight=False)
     return final
+
+
+def encode_at_prepare(recipe, caches: list[str | None], device: str, console=None) -> None:
+    """`omnitune prepare`'s last step: the prepared files' media through the frozen towers, the Thinker loaded on
+    `device` as training loads it (so `omnitune train` finds the outputs under the same fingerprint). Without a GPU
+    only the tiny model does this: a real checkpoint would load its 30B weights into host memory for the towers'
+    sake, so `omnitune train` encodes at its start instead."""
+    from omnitune.data.cache import CachedDataset
+    from omnitune.model.load import load_thinker
+
+    console = console or _console()
+    datasets = [CachedDataset(c) for c in caches if c is not None]
+    if not any({"audio", "vision"} & set(ds.stats()["modalities"]) for ds in datasets):
+        return
+    if device == "cpu" and recipe.model.path != "tiny":
+        console.print("encoder cache: no GPU here, so `omnitune train` runs the towers over the media at its start")
+        return
+    thinker = load_thinker(recipe.model, device_map={"": device} if device != "cpu" else None)
+    with_encoder_outputs(datasets, thinker, device, console)
 
 
 def with_encoder_outputs(datasets: list, thinker: torch.nn.Module, device: str, console=None) -> list:
