@@ -136,8 +136,8 @@ class StepClock:
 
     PROFILED_STEPS = 3  # after the timed window: the first starts from a synchronised GPU, the others are steady
 
-    def __init__(self, warmup: int, steps: int, profile: bool = False):
-        self.warmup, self.steps, self.marks, self.window = warmup, steps, [], None
+    def __init__(self, warmup: int, steps: int, profile: bool = False, label: str = ""):
+        self.warmup, self.steps, self.marks, self.window, self.label = warmup, steps, [], None, label
         self.profile, self.profiler, self.profile_result = profile, None, None
         self.events: list = []  # a CUDA event at each step's end: the GPU's own step times, host waits aside
 
@@ -190,7 +190,7 @@ class StepClock:
                                                    max_name_column_width=70)
         out = os.environ.get("OUT")
         if out and DEVICE == "cuda":
-            trace = Path(out) / "trace.json"
+            trace = Path(out) / f"trace{self.label}.json"
             self.profiler.export_chrome_trace(str(trace))
             subprocess.run(["gzip", "-f", str(trace)], check=False)
         self.profile_result = dict(steps=self.PROFILED_STEPS, wall_ms=wall_ms, gpu_busy_ms=busy / 1e3,
@@ -260,7 +260,7 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
         register_experts_implementation("omnitune")
     thinker.set_experts_implementation(recipe.model.experts)
     build_s = time.time() - t0
-    clock = StepClock(warmup, steps, profile)
+    clock = StepClock(warmup, steps, profile, label="" if data == "text" else f"_{data}")
     towers = TowerClock(thinker, clock)
     encode = {"s": 0.0}
     encode_all = encoder_cache.with_encoder_outputs
