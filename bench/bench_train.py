@@ -304,8 +304,9 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
 
 
 def spawn(name: str, data: str, overrides: list[str], args) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--data", data, "--seq", str(args.seq), "--layers", str(args.layers),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), *[a for o in overrides for a in ("--set", o)],
+    cmd = [sys.executable, __file__, "--child", name, "--data", data, "--seq", str(args.seq),
+           "--layers", str(args.layers), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           *[a for o in overrides for a in ("--set", o)],
            *(["--profile", "1"] if name in args.profile.split(",") else [])]
     t0 = time.time()
     try:

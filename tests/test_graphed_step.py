@@ -1,6 +1,7 @@
 """The CUDA-graph micro-step (train/graphed_step.py): its eager prefix (embeddings + audio and vision merge, M-RoPE
-positions, deepstack, mask, bucket padding) and static loss must give the eager trainer's loss and gradients. On CPU GraphedGrads runs the
-same function eagerly, so these tests check everything but the capture itself (bench/ checks that on the GPU)."""
+positions, deepstack, mask, bucket padding) and static loss must give the eager trainer's loss and gradients. On CPU
+GraphedGrads runs the same function eagerly, so these tests check everything but the capture itself (bench/ checks
+that on the GPU)."""
 
 import json
 from dataclasses import replace

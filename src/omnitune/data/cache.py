@@ -44,7 +44,8 @@ CACHE_VERSION = 3
 SHARD_BYTES = 256 << 20
 # Rendered in the main process before worker processes are started (see _render_all).
 INLINE_SECONDS = 5.0
-# packing, group_by_length: the collator's and the sampler's; encoder_cache: stored beside the tokens under its own key (data/encoder_cache.py)
+# packing, group_by_length: the collator's and the sampler's; encoder_cache: stored beside the tokens under its own
+# key (data/encoder_cache.py)
 _KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir", "packing", "encoder_cache",
                  "group_by_length")
 

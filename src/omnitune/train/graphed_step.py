@@ -4,21 +4,23 @@ Split: everything with host syncs or data-dependent shapes runs eagerly first, t
 embeddings, the audio and vision towers or their stored outputs (data/encoder_cache.py) merged in, the M-RoPE
 positions, the attention mask, padding up to a bucket length); the decoder stack, the chunked head + cross-entropy,
 the weighted loss and the backward into the adapters run as one replayed graph, captured once per padded batch
-shape. A batch with images or video takes its stage from the Thinker's own forward, stopped where it calls the
-language model (`decoder_inputs`), and its deepstack features enter the graph as one dense [layers, B, L, H] input
-added where the forward would scatter them (`dense_deepstack`): the same graphed decoder as a text batch, with no
-shape that depends on the number of visual tokens. The batch is padded at the end to a multiple of `bucket` tokens (labels
--100) so a run sees a handful of shapes, not one per batch; causal attention hides that padding from the real
-tokens, so right-padded batches need no attention mask at all (and get SDPA's fastest causal kernels).
+shape. A media batch's stage writes stored tower outputs at the token positions the collator found on the host
+(train/host_layout.py: nothing read back); otherwise a batch with images or video takes its stage from the Thinker's
+own forward, stopped where it calls the language model (`decoder_inputs`). Either way its deepstack features enter
+the graph as one dense [layers, B, L, H] input added where the forward would scatter them (`dense_deepstack`): the
+same graphed decoder as a text batch, with no shape that depends on the number of visual tokens. The batch is padded
+at the end to a multiple of `bucket` tokens (labels -100) so a run sees a handful of shapes, not one per batch;
+causal attention hides that padding from the real tokens, so right-padded batches need no attention mask at all (and
+get SDPA's fastest causal kernels).
 
 Used when all of these hold, else the step runs eagerly (same results, up to bf16 rounding): CUDA; bf16/fp32 (no
 fp16 grad scaler); the router's balance loss off; a plain linear head; nothing before the decoder trains (frozen
-embeddings and towers: LoRA). The
-vocab projection and cross-entropy run on the trained positions only (the prompt of an SFT sample is not projected
-onto the 152k vocabulary), their count padded up to a multiple of `bucket` so that the graph's shapes stay static. A
-padded batch shape keeps the first such size it meets, and a later batch with more trained positions than that
-projects every position: at most two graphs per shape (`head_rows`). Memory: the graphs' pool keeps one step's
-activation working set reserved, so a run that mixes graphed batches with eager ones holds both working sets.
+embeddings and towers: LoRA). The vocab projection and cross-entropy run on the trained positions only (the prompt
+of an SFT sample is not projected onto the 152k vocabulary), their count padded up to a multiple of `bucket` so
+that the graph's shapes stay static. A padded batch shape keeps the first such size it meets, and a later batch with
+more trained positions than that projects every position: at most two graphs per shape (`head_rows`). Memory: the
+graphs' pool keeps one step's activation working set reserved, so a run that mixes graphed batches with eager ones
+holds both working sets.
 """
 from __future__ import annotations
 

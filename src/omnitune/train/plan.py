@@ -92,7 +92,8 @@ class TrainingPlan:
                 + (f" (bucket {self.graph_bucket} tokens)" if self.cuda_graphs else ""),
                 f"activation checkpointing: {ckpt}",
                 f"batches: {'packed rows' if self.packing else 'padded'}"
-                + (", length-grouped" if self.group_by_length else "") + f", up to {self.micro_batch_tokens} tokens each",
+                + (", length-grouped" if self.group_by_length else "")
+                + f", up to {self.micro_batch_tokens} tokens each",
                 f"encoder cache: {'on' if self.encoder_cache else 'off'}, {self.encoder_cache_why}",
                 *self.notes]
 

@@ -88,7 +88,8 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         activation_checkpointing_kwargs=ckpt_kwargs if plan.gradient_checkpointing else None,
         # no per-step isnan read-back: non-finite steps are caught on the device (train/guard.py)
         logging_steps=t.logging_steps, logging_nan_inf_filter=False,
-        train_sampling_strategy="group_by_length" if plan.group_by_length else "random", save_strategy="steps", save_steps=t.save_steps,
+        train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
+        save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
