@@ -19,7 +19,7 @@ def test_the_presets_on_a_gpu_take_the_fast_path_with_graphs():
     fp32 = plan("adapter.lora_dtype=float32", "train.optimizer=adamw")
     assert fp32.optimizer == "multi_tensor_adamw" and fp32.cuda_graphs
     assert not p.preserve_rng_state and p.micro_batch_tokens == 4096 and p.strategy == "single"
-    assert "images or video run eagerly" in p.cuda_graphs_why
+    assert "text and media batches alike" in p.cuda_graphs_why
 
 
 @pytest.mark.parametrize("overrides, why", [

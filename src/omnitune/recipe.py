@@ -55,6 +55,12 @@ class DataConfig(_Section):
                                    "data file's folder")
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
+    encoder_cache: bool | None = Field(None, description="run the frozen audio/vision towers once before training "
+                                       "and train on their stored outputs (data/encoder_cache.py); default: on "
+                                       "when the towers, projector and merger are all frozen")
+    group_by_length: bool | None = Field(None, description="batches of samples of similar length (HF's length-grouped "
+                                         "sampler: random mega-batches of 50 batches, sorted by length), so padding "
+                                         "stays low; default: on for padded batches of more than one sample")
     packing: bool = Field(False, description="padding-free packing: each batch of train.batch_size samples "
                           "becomes ONE row of their unpadded tokens (batch size = samples per packed row), "
                           "attention masked per sample, M-RoPE positions per sample")

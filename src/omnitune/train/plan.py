@@ -74,11 +74,21 @@ class TrainingPlan:
     micro_batch_tokens: int  # the most tokens one micro-batch holds (padded or packed), for memory sizing
     router_trains: bool  # the MoE router's balance loss joins the objective
     unused_parameters: bool  # a trained tower gets no gradient from batches without its modality (DDP must know)
+    group_by_length: bool = False  # HF's length-grouped sampler (padded batches of several samples)
+    encoder_cache: bool = False  # train on stored frozen-tower outputs (data/encoder_cache.py)
+    encoder_cache_why: str = ""
     notes: tuple[str, ...] = field(default=())
 
     @property
     def world_size(self) -> int:
         return self.hardware.world_size
+
+    @property
+    def towers_on_host(self) -> bool:
+        """Whether training keeps the frozen towers off the GPU: streamed in for media batches (offload_towers), or
+        never needed because their outputs are stored (encoder_cache, one process: DDP wants every parameter on
+        its device)."""
+        return self.offload_towers or (self.encoder_cache and self.world_size == 1)
 
     def lines(self) -> list[str]:
         """The plan as printed at the start of every run."""
@@ -94,7 +104,10 @@ class TrainingPlan:
                 f"CUDA graphs: {'on' if self.cuda_graphs else 'off'}, {self.cuda_graphs_why}"
                 + (f" (bucket {self.graph_bucket} tokens)" if self.cuda_graphs else ""),
                 f"activation checkpointing: {ckpt}",
-                f"batches: {'packed rows' if self.packing else 'padded'}, up to {self.micro_batch_tokens} tokens each",
+                f"batches: {'packed rows' if self.packing else 'padded'}"
+                + (", length-grouped" if self.group_by_length else "")
+                + f", up to {self.micro_batch_tokens} tokens each",
+                f"encoder cache: {'on' if self.encoder_cache else 'off'}, {self.encoder_cache_why}",
                 *self.notes]
 
 
@@ -110,6 +123,34 @@ def trains_a_tower(recipe: Recipe) -> bool:
     towers = ("audio_tower", "audio_projector", "vision_tower", "vision_merger")
     return any(t in a.train for t in towers) or (a.method == "full" and not {"audio_tower", "vision_tower"}
                                                   <= set(a.freeze))
+
+
+def trains_an_encoder(recipe: Recipe) -> bool:
+    """Whether any weight of the audio/vision towers (projector and mergers included) trains or gets LoRA."""
+    tower_names = ("audio_tower", "visual")  # the towers' module paths (model/parts.py), for adapter.modules
+    return trains_a_tower(recipe) or any(t in m for m in recipe.adapter.modules for t in tower_names)
+
+
+def _encoder_cache(recipe: Recipe) -> tuple[bool, str]:
+    """(on, why): on by default when every tower weight is frozen; asking for it with a training tower is an error."""
+    asked = recipe.data.encoder_cache
+    if trains_an_encoder(recipe):
+        if asked:
+            raise RecipeError("data.encoder_cache=true needs the audio/vision towers frozen, but the adapter trains "
+                              "or adapts one: set data.encoder_cache=false or freeze the towers")
+        return False, "a tower trains, so its outputs change every step"
+    if asked is False:
+        return False, "data.encoder_cache=false"
+    return True, "the frozen towers run once before training; batches carry their stored outputs"
+
+
+def _group_by_length(recipe: Recipe) -> bool:
+    """data.group_by_length, by default on where it lowers padding: padded batches of more than one sample."""
+    asked = recipe.data.group_by_length
+    if asked and recipe.data.packing:
+        raise RecipeError("data.group_by_length and data.packing are both on: a packed row has no padding to "
+                          "lower; turn one of them off")
+    return asked if asked is not None else recipe.train.batch_size > 1 and not recipe.data.packing
 
 
 def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> str | None:
@@ -153,8 +194,11 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
                           "trains one process only; set it false for distributed.strategy=" + strategy)
     fast = recipe.model.experts == "omnitune"
     optimizer, notes = _optimizer(recipe, hw, fast)
-    offload_towers = t.offload_towers and hw.device == "cuda" and not trains_a_tower(recipe)
-    if t.offload_towers and not offload_towers:
+    cached, cached_why = _encoder_cache(recipe)
+    offload_towers = t.offload_towers and hw.device == "cuda" and not trains_a_tower(recipe) and not cached
+    if t.offload_towers and cached:
+        notes.append("towers: their stored outputs replace them (data.encoder_cache), so they stay in host memory")
+    elif t.offload_towers and not offload_towers:
         notes.append("towers: kept where the model is (" + ("no CUDA device: already in host memory"
                      if hw.device != "cuda" else "a tower trains, so it stays on the GPU") + ")")
     elif offload_towers:
@@ -163,8 +207,8 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         notes.append("experts: NF4 in pinned host memory, each layer's copied to the GPU one layer ahead")
     why_not = _why_no_graphs(recipe, hw, fast, strategy)
     graphs = why_not is None
-    why = ("batches with images or video run eagerly (the vision towers' shapes depend on the data)"
-           if graphs else why_not)
+    why = ("text and media batches alike: towers (or their stored outputs) and M-RoPE positions run eagerly before "
+           "the graphed decoder" if graphs else why_not)
     tokens = t.batch_size * recipe.data.max_length
     if graphs:
         tokens = -(-tokens // t.graph_bucket) * t.graph_bucket
@@ -178,7 +222,9 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
         preserve_rng_state=not graphs, packing=recipe.data.packing, micro_batch_tokens=tokens,
-        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe), notes=tuple(notes))
+        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe),
+        group_by_length=_group_by_length(recipe), encoder_cache=cached, encoder_cache_why=cached_why,
+        notes=tuple(notes))
 
 
 def _optimizer(recipe: Recipe, hw: Hardware, fast: bool) -> tuple[str, list[str]]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -56,6 +57,15 @@ class OmniTrainer(Trainer):
                 p for p in model.parameters() if p.requires_grad):
             return MultiTensorAdamW, kwargs
         return cls, kwargs
+
+    def _get_train_sampler(self, train_dataset=None):
+        """HF's sampler; the length-grouped one takes the lengths from the data cache's manifest instead of reading
+        every sample (HF's fallback for datasets that are not `datasets.Dataset`)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         optimizer = self._create_optimizer(model)
@@ -157,9 +167,11 @@ class OmniTrainer(Trainer):
             return self._eager_step(model, inputs, num_items_in_batch, reason)
         model.train()
         batch = dict(inputs)
-        position_ids = None
+        position_ids = batch.pop("position_ids", None)  # the collator's, computed on the host (train/host_layout.py)
         if "seq_lengths" in batch:
-            position_ids = packed_position_ids(self.graphed.backbone, batch, *[batch.pop(k) for k in PACKED_KEYS])
+            packed = [batch.pop(k) for k in PACKED_KEYS]
+            if position_ids is None:
+                position_ids = packed_position_ids(self.graphed.backbone, batch, *packed)
         try:
             with self.compute_loss_context_manager():
                 loss = self.graphed(batch, position_ids, num_items_in_batch)
