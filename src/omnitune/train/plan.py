@@ -23,6 +23,8 @@ from omnitune.recipe import Recipe, RecipeError
 
 # Parts whose training puts weights before or after the decoder stack in the backward: the graphed micro-step runs
 # the embeddings and towers eagerly without gradients, and the head as a frozen matrix (train/graphed_step.py).
+SHARDED = ("fsdp2", "zero2", "zero3")  # strategies whose engine splits model state across processes
+
 OUTSIDE_DECODER = ("llm", "embed_tokens", "lm_head", "backbone", "audio_tower", "audio_projector", "vision_tower",
                    "vision_merger")
 
@@ -54,7 +56,8 @@ class TrainingPlan:
     """Every switch of one run (module docstring). Built by `make_plan`; read, never changed."""
     objective: str
     hardware: Hardware
-    strategy: Literal["single", "ddp"]
+    strategy: Literal["single", "ddp", "fsdp2", "zero2", "zero3"]
+    offload: Literal["none", "optimizer", "params"]
     precision: Literal["bf16", "fp16", "fp32"]
     fast_paths: bool  # model.experts=omnitune: fused experts/LoRA/norm/router kernels
     loss: Literal["chunked", "plain"]
@@ -76,12 +79,19 @@ class TrainingPlan:
     def world_size(self) -> int:
         return self.hardware.world_size
 
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters, gradients or optimizer state are split across processes (FSDP2, ZeRO)."""
+        return self.strategy in SHARDED
+
     def lines(self) -> list[str]:
         """The plan as printed at the start of every run."""
         h = self.hardware
         ckpt = ("off" if not self.gradient_checkpointing else
                 f"{self.checkpoint_policy}, uncheckpointed layers: {self.uncheckpointed_layers}")
-        return [f"device: {h.name}" + (f" x {h.world_size} processes ({self.strategy})" if h.world_size > 1 else ""),
+        engine = self.strategy + (f", offload {self.offload}" if self.offload != "none" else "")
+        return [f"device: {h.name}" + (f" x {h.world_size} processes ({engine})" if h.world_size > 1
+                                       else f" ({engine})" if self.sharded else ""),
                 f"objective: {self.objective}" + (" + router balance loss" if self.router_trains else ""),
                 f"experts path: {'omnitune fused kernels' if self.fast_paths else 'transformers + PEFT (plain)'}; "
                 f"loss: {self.loss}; optimizer: {self.optimizer}; precision: {self.precision}",
@@ -114,8 +124,11 @@ def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> s
         return "no CUDA device"
     if not fast:
         return f"model.experts={recipe.model.experts} is the plain transformers + PEFT path"
-    if strategy != "single":
+    if strategy == "ddp":
         return f"{strategy}: the gradient all-reduce is driven from the host during the backward"
+    if strategy in SHARDED:
+        return (f"{strategy}: the engine gathers parameters and reduces gradients layer by layer from the host "
+                "(hooks around every layer, its own streams and buffers), which a captured graph cannot replay")
     if t.precision == "fp16":
         return "fp16 needs a gradient scaler, which reads back to the host"
     if a.method == "full":
@@ -134,10 +147,14 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     """Decide every switch of a run from the recipe and the hardware (module docstring)."""
     hw = hardware or Hardware.detect()
     t = recipe.train
-    strategy = "ddp" if recipe.distributed.strategy == "ddp" else "single"
+    strategy = "single" if recipe.distributed.strategy == "none" else recipe.distributed.strategy
     if hw.world_size > 1 and strategy == "single":
         raise RecipeError(f"launched as {hw.world_size} processes (torchrun / accelerate launch): set "
-                          "distributed.strategy=ddp to train data parallel, or launch one process")
+                          "distributed.strategy=ddp to train data parallel (or fsdp2 / zero2 / zero3 to shard), "
+                          "or launch one process")
+    if strategy == "fsdp2" and t.precision == "fp16":
+        raise RecipeError("distributed.strategy=fsdp2 trains in bf16 or fp32 (fp16 would need a sharded gradient "
+                          "scaler): set train.precision=bf16")
     fast = recipe.model.experts == "omnitune"
     why_not = _why_no_graphs(recipe, hw, fast, strategy)
     graphs = why_not is None
@@ -149,7 +166,9 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     return TrainingPlan(
         objective=objective, hardware=hw, strategy=strategy, precision=t.precision, fast_paths=fast,
         loss="chunked" if fast else "plain",
-        optimizer="multi_tensor_adamw" if fast and hw.device == "cuda" else "hf_default",
+        # the engines hold the sharded (or flattened) parameters the optimizer steps: torch's AdamW runs on them
+        optimizer="multi_tensor_adamw" if fast and hw.device == "cuda" and strategy not in SHARDED else "hf_default",
+        offload=recipe.distributed.offload,
         cuda_graphs=graphs, cuda_graphs_why=why, graph_bucket=t.graph_bucket,
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
