@@ -3,7 +3,6 @@ updates as one process on the concatenated batch, and sharded strategies really 
 from __future__ import annotations
 
 import pytest
-
 from distributed_helpers import failed, losses, omnitune_train, text_dataset
 
 STEPS = ("train.max_steps=3", "train.lr=5e-3", "train.scheduler=constant", "train.warmup_ratio=0",

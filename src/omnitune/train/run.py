@@ -24,8 +24,7 @@ from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
 from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
-from omnitune.train.distributed import (deepspeed_config, engine_backend, full_trained_state, process_state,
-                                        shard)
+from omnitune.train.distributed import deepspeed_config, engine_backend, full_trained_state, process_state, shard
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
