@@ -44,12 +44,13 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return res
 
 
-def omnitune_train(out: Path, data: Path, nproc: int, *sets: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def omnitune_train(out: Path, data: Path, nproc: int, *sets: str, resume: bool = False,
+                   timeout: int = 300) -> subprocess.CompletedProcess:
     """`omnitune train demo` on `data` into `out`: one plain process, or `--nproc N` (torchrun underneath)."""
     args = ["train", "demo", "--set", f"data.train={data}", "--set", f"output_dir={out}", "--set", "data.workers=1",
             "--set", "log.tensorboard=false", "--set", "train.logging_steps=1", "--set", "adapter.train=[]",
             *[x for s in sets for x in ("--set", s)]]
-    launch = ["--nproc", str(nproc)] if nproc > 1 else []
+    launch = (["--nproc", str(nproc)] if nproc > 1 else []) + (["--resume"] if resume else [])
     return run([sys.executable, "-m", "omnitune", *args, *launch], timeout=timeout)
 
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from omnitune.model import parts
 from omnitune.recipe import Recipe, RecipeError
@@ -182,3 +184,44 @@ def full_trained_state(model: nn.Module, plan: TrainingPlan, trainable_only: boo
                 out[name] = p.detach().cpu().clone()
         return out
     return {n: p.detach() for n, p in model.state_dict().items()}
+
+
+def held_values(model: nn.Module) -> tuple[int, int]:
+    """(values this process holds, values of the whole model) over every parameter: a DTensor's local shard,
+    a ZeRO-3 parameter's partition, else the whole parameter."""
+    local = total = 0
+    for p in model.parameters():
+        if is_sharded_tensor(p):
+            here, full = p.to_local().numel(), p.numel()
+        elif hasattr(p, "ds_tensor"):  # ZeRO-3: p itself is an empty placeholder between forwards
+            here, full = p.ds_tensor.numel(), p.ds_numel
+        else:
+            here = full = p.numel()
+        local, total = local + here, total + full
+    return local, total
+
+
+def optimizer_values(optimizer) -> int | None:
+    """The trained values whose optimizer state this process keeps, where an engine partitions it (ZeRO-1/2:
+    its fp32 partitions); None where the state follows the parameters."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    groups = getattr(inner, "single_partition_of_fp32_groups", None)
+    return None if groups is None else sum(g.numel() for g in groups)
+
+
+class ShardReport(TrainerCallback):
+    """Says at the start of training how much of the model and of its optimizer state this process holds: the
+    proof that a run is sharded (accelerate falls back to DDP silently where it cannot shard)."""
+
+    def __init__(self, plan: TrainingPlan, report: Callable[[str], object] = print):
+        self.plan, self.report = plan, report
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        local, total = held_values(model)
+        line = (f"{self.plan.strategy}: this process holds {100 * local / max(total, 1):.1f}% of the "
+                f"{total:,} parameter values")
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        opt = optimizer_values(optimizer)
+        if opt is not None and trained:
+            line += f" and optimizer state for {100 * opt / trained:.1f}% of the {trained:,} trained values"
+        self.report(line)

@@ -24,7 +24,8 @@ from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
 from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
-from omnitune.train.distributed import deepspeed_config, engine_backend, full_trained_state, process_state, shard
+from omnitune.train.distributed import (ShardReport, deepspeed_config, engine_backend, full_trained_state,
+                                        process_state, shard)
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
@@ -197,6 +198,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     args = training_arguments(recipe, run, has_eval=eval_ds is not None, plan=plan)
     metrics = MetricsLog(run.metrics)
     callbacks = [metrics]
+    if plan.sharded:
+        callbacks.append(ShardReport(plan, report=console.print))
     if plan.gradient_checkpointing and plan.uncheckpointed_layers:
         callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print))
     if recipe.log.tensorboard:
