@@ -74,9 +74,12 @@ def test_recipe_refuses_what_an_engine_cannot_do(overrides, message):
         load_recipe("instruct", list(overrides))
 
 
-def test_fsdp2_refuses_fp16():
+def test_fsdp2_refuses_fp16_and_parameter_sharding_refuses_qlora():
     with pytest.raises(RecipeError, match="fsdp2 trains in bf16 or fp32"):
         plan("distributed.strategy=fsdp2", "train.precision=fp16")
+    for strategy in ("fsdp2", "zero3"):
+        with pytest.raises(RecipeError, match="4-bit experts cannot be sharded"):
+            plan(f"distributed.strategy={strategy}", "adapter.method=qlora")
 
 
 def test_launcher_writes_torchrun_lines_for_one_machine_and_many():

@@ -152,6 +152,9 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         raise RecipeError(f"launched as {hw.world_size} processes (torchrun / accelerate launch): set "
                           "distributed.strategy=ddp to train data parallel (or fsdp2 / zero2 / zero3 to shard), "
                           "or launch one process")
+    if strategy in ("fsdp2", "zero3") and recipe.adapter.method == "qlora":
+        raise RecipeError(f"adapter.method=qlora with distributed.strategy={strategy}: the 4-bit experts cannot be "
+                          "sharded by the engine; use ddp (QLoRA fits one GPU)")
     if strategy == "fsdp2" and t.precision == "fp16":
         raise RecipeError("distributed.strategy=fsdp2 trains in bf16 or fp32 (fp16 would need a sharded gradient "
                           "scaler): set train.precision=bf16")
