@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="recipe override for every run")
-    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--timeout", type=int, default=240)
     args = ap.parse_args()
     if args.child:
         result = child(args.child, args.set, args.seq, args.layers, args.steps, args.warmup)
