@@ -27,7 +27,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-import bench_train  # noqa: E402  (the measured child: the real trainer and its clock)
+import bench_train
 
 DEVICE = bench_train.DEVICE
 # named runs: recipe overrides on bench_train's base (LoRA r16 on attention + experts)
@@ -70,17 +70,17 @@ def spawn(name: str, nproc: int, args) -> dict:
                *child_args]
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return dict(run=name, nproc=nproc, error=f"timeout after {args.timeout}s")
+        return {"run": name, "nproc": nproc, "error": f"timeout after {args.timeout}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         err = (proc.stdout + proc.stderr).strip().splitlines()
         oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
         # the workers' own error, not torchrun's summary of it
         cause = [ln for ln in err if "Error" in ln and "ChildFailedError" not in ln and "elastic" not in ln]
-        return dict(run=name, nproc=nproc, error="OOM" if oom else "\n".join(err[-25:] + cause[-1:]),
-                    wall_s=time.time() - t0)
+        return {"run": name, "nproc": nproc, "error": "OOM" if oom else "\n".join(err[-25:] + cause[-1:]),
+                    "wall_s": time.time() - t0}
     out = json.loads(lines[-1][len("RESULT "):])
     out.update(nproc=1 if name == "single" else nproc, wall_s=time.time() - t0)
     return out
@@ -122,9 +122,9 @@ def main() -> None:
     import peft
     import transformers
 
-    info = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-                device=torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
-                gpus=torch.cuda.device_count() if DEVICE == "cuda" else 0)
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+                "gpus": torch.cuda.device_count() if DEVICE == "cuda" else 0}
     try:
         import deepspeed
         info["deepspeed"] = deepspeed.__version__
@@ -138,7 +138,7 @@ def main() -> None:
         for nproc in ([1] if name == "single" else [int(n) for n in args.nproc.split(",")]):
             results.append(spawn(name, nproc, args))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "step_intervals_ms"}), flush=True)
-            (out_dir / "bench_scaleout.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
+            (out_dir / "bench_scaleout.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
     print(table(results))
 
 

@@ -17,7 +17,7 @@ def text_dataset(folder: Path, n: int = 8, seed: int = 0) -> Path:
     import random
 
     rng = random.Random(seed)
-    words = "red green blue sky sea tree stone river light cloud wind fire".split()
+    words = ["red", "green", "blue", "sky", "sea", "tree", "stone", "river", "light", "cloud", "wind", "fire"]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train.jsonl"
     with path.open("w") as f:
@@ -38,7 +38,8 @@ def child_env() -> dict[str, str]:
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a launch, once more when the first attempt failed in the launch itself rather than in training."""
     for attempt in (1, 2):
-        res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=timeout)
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(), cwd=ROOT,
+                             timeout=timeout)
         if res.returncode == 0 or attempt == 2 or not any(f in res.stdout + res.stderr for f in LAUNCH_FLAKES):
             return res
     return res

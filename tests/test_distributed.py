@@ -7,9 +7,8 @@ import re
 import shutil
 
 import pytest
-from safetensors.torch import load_file
-
 from distributed_helpers import failed, losses, omnitune_train, text_dataset
+from safetensors.torch import load_file
 
 STEPS = ("train.max_steps=4", "train.lr=5e-3", "train.scheduler=constant", "train.warmup_ratio=0",
          "train.save_steps=2")
@@ -53,8 +52,8 @@ def assert_same_weights(ours: dict, reference: dict) -> None:
     """Equal up to what AdamW makes of float summation order: each element's step is ~lr x sign(gradient), so an
     element whose gradient is ~0 may step either way (lr 5e-3: up to ~1e-3 after 4 steps); everywhere else equal."""
     assert ours.keys() == reference.keys()
-    for name in reference:
-        diff = (ours[name].float() - reference[name].float()).abs()
+    for name, expected in reference.items():
+        diff = (ours[name].float() - expected.float()).abs()
         assert diff.mean() < 1e-6 and diff.max() < 2e-3, (name, diff.mean(), diff.max())
 
 

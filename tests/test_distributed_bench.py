@@ -18,7 +18,8 @@ def test_bench_scaleout_dry_run_measures_each_engine(tmp_path):
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scaleout.py"), "--runs", "fsdp2,zero3",
                           "--nproc", "1", "--seq", "96", "--layers", "2", "--steps", "2", "--warmup", "1",
-                          "--set", "train.precision=fp32"], capture_output=True, text=True, env=env, timeout=600)
+                          "--set", "train.precision=fp32"], check=False, capture_output=True, text=True, env=env,
+                         timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     results = json.loads((tmp_path / "out" / "bench_scaleout.json").read_text())["results"]
     assert [r["run"] for r in results] == ["fsdp2", "zero3"] and all("error" not in r for r in results)

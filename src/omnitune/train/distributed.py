@@ -109,7 +109,12 @@ def shard_fsdp2(model: nn.Module, plan: TrainingPlan) -> nn.Module:
     """`fully_shard` per unit (`shard_units`), then the root (embeddings, head, final norms): each process keeps
     1/world of every parameter, its gradient and its optimizer state. bf16: parameters are gathered and computed in
     bf16, gradients reduced in fp32."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if plan.precision == "bf16" else MixedPrecisionPolicy())
@@ -169,7 +174,10 @@ def full_trained_state(model: nn.Module, plan: TrainingPlan, trainable_only: boo
     a full fine-tune, the model) saved beside sharded checkpoints and at the end. `trainable_only`: the trained
     parameters only (an adapter), never the whole 30B model gathered for a few MB of LoRA."""
     if plan.strategy == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         if trainable_only:
             return {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
