@@ -29,30 +29,35 @@ def text_dataset(folder: Path, n: int = 8, seed: int = 0) -> Path:
     return path
 
 
-def child_env() -> dict[str, str]:
+ROUTING_APART = ROOT / "tests" / "scripts" / "routing_apart"  # its sitecustomize forces routing apart per process
+
+
+def child_env(routing_apart: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"))
+    paths = [str(ROOT / "src")] + ([str(ROUTING_APART)] if routing_apart else [])
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(paths),
+               OMNITUNE_TEST_ROUTING_APART="1" if routing_apart else "0")
     return env
 
 
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 300, routing_apart: bool = False) -> subprocess.CompletedProcess:
     """Run a launch, once more when the first attempt failed in the launch itself rather than in training."""
     for attempt in (1, 2):
-        res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(), cwd=ROOT,
-                             timeout=timeout)
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(routing_apart),
+                             cwd=ROOT, timeout=timeout)
         if res.returncode == 0 or attempt == 2 or not any(f in res.stdout + res.stderr for f in LAUNCH_FLAKES):
             return res
     return res
 
 
-def omnitune_train(out: Path, data: Path, nproc: int, *sets: str, resume: bool = False,
-                   timeout: int = 300) -> subprocess.CompletedProcess:
+def omnitune_train(out: Path, data: Path, nproc: int, *sets: str, resume: bool = False, timeout: int = 300,
+                   routing_apart: bool = False) -> subprocess.CompletedProcess:
     """`omnitune train demo` on `data` into `out`: one plain process, or `--nproc N` (torchrun underneath)."""
     args = ["train", "demo", "--set", f"data.train={data}", "--set", f"output_dir={out}", "--set", "data.workers=1",
             "--set", "log.tensorboard=false", "--set", "train.logging_steps=1", "--set", "adapter.train=[]",
             *[x for s in sets for x in ("--set", s)]]
     launch = (["--nproc", str(nproc)] if nproc > 1 else []) + (["--resume"] if resume else [])
-    return run([sys.executable, "-m", "omnitune", *args, *launch], timeout=timeout)
+    return run([sys.executable, "-m", "omnitune", *args, *launch], timeout=timeout, routing_apart=routing_apart)
 
 
 def losses(out: Path) -> list[float]:

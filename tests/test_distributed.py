@@ -125,3 +125,20 @@ def test_full_fine_tune_sharded_trains_as_one_process_does(strategy, data, tmp_p
     # the consolidated full model, as a one-process run writes it
     assert_same_weights(load_file(str(tmp_path / "two" / "model" / "model.safetensors")),
                         load_file(str(tmp_path / "one" / "model" / "model.safetensors")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_processes_routing_to_disjoint_experts_train_without_waiting(strategy, data, tmp_path):
+    """Process 0 routes every token to experts 0-1, process 1 to experts 2-3 (tests/scripts/routing_apart): the
+    engines gather and reduce every expert's weights each step (the fused 3-D expert tensors; ZeRO-3's MoE leaf
+    modules), so neither waits for an expert the other never used."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    res = omnitune_train(out, data, 2, *STEPS, "train.max_steps=2", "train.batch_size=2",
+                         f"distributed.strategy={strategy}", routing_apart=True, timeout=240)
+    assert res.returncode == 0, failed(res)
+    said = " ".join(res.stderr.split())
+    assert "process 0 uses experts [0, 1]" in said and "process 1 uses experts [2, 3]" in said
+    assert len(losses(out)) == 2 and 45 < held(res.stdout)[0] < 55
