@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from distributed_helpers import text_dataset  # noqa: E402  (the tests' text data: the same runs as the CPU tests)
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' text data: the same runs as the CPU tests
+from distributed_helpers import text_dataset
 
 
 def command(out: Path, data: Path, strategy: str, nproc: int, steps: int, resume: bool) -> list[str]:
@@ -69,24 +69,25 @@ def killed_after(cmd: list[str], checkpoint: Path, timeout: int) -> float:
 def check(strategy: str, nproc: int, steps: int, kill_after: int, timeout: int, tol: float) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"resume-{strategy}-"))
     data = text_dataset(work / "data", n=4 * steps * nproc)
-    env_run = {"timeout": timeout, "capture_output": True, "text": True, "check": False}
-    whole = subprocess.run(command(work / "whole", data, strategy, nproc, steps, False), **env_run)
+    env_run = {"timeout": timeout, "capture_output": True, "text": True}
+    whole = subprocess.run(command(work / "whole", data, strategy, nproc, steps, False), check=False, **env_run)
     if whole.returncode != 0:
-        return dict(strategy=strategy, nproc=nproc, error=(whole.stdout + whole.stderr)[-3000:])
+        return {"strategy": strategy, "nproc": nproc, "error": (whole.stdout + whole.stderr)[-3000:]}
     cut = work / "cut"
     try:
         killed_s = killed_after(command(cut, data, strategy, nproc, steps, False),
                                 cut / "checkpoints" / f"checkpoint-{kill_after}", timeout)
     except (RuntimeError, TimeoutError) as e:
-        return dict(strategy=strategy, nproc=nproc, error=str(e))
-    resumed = subprocess.run(command(cut, data, strategy, nproc, steps, True), **env_run)
+        return {"strategy": strategy, "nproc": nproc, "error": str(e)}
+    at_kill = sorted(p.name for p in (cut / "checkpoints").glob("checkpoint-*"))
+    resumed = subprocess.run(command(cut, data, strategy, nproc, steps, True), check=False, **env_run)
     if resumed.returncode != 0:
-        return dict(strategy=strategy, nproc=nproc, error=(resumed.stdout + resumed.stderr)[-3000:])
+        return {"strategy": strategy, "nproc": nproc, "error": (resumed.stdout + resumed.stderr)[-3000:]}
     a, b = losses(work / "whole"), losses(cut)
     worst = max(abs(a[s] - b[s]) for s in a) if a.keys() == b.keys() else float("inf")
-    return dict(strategy=strategy, nproc=nproc, steps=steps, killed_after_s=killed_s,
-                resumed_from=sorted(p.name for p in (cut / "checkpoints").iterdir()), whole=a, resumed=b,
-                max_abs_diff=worst, ok=worst <= tol)
+    return {"strategy": strategy, "nproc": nproc, "steps": steps, "killed_after_s": killed_s,
+                "checkpoints_at_kill": at_kill, "whole": a, "resumed": b,
+                "max_abs_diff": worst, "ok": worst <= tol}
 
 
 def main() -> None:
