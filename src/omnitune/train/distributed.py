@@ -45,7 +45,7 @@ def process_state(plan: TrainingPlan):
     from accelerate import PartialState
 
     cpu = plan.hardware.device == "cpu"
-    if plan.strategy in ("zero2", "zero3"):
+    if plan.deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
@@ -55,14 +55,14 @@ def process_state(plan: TrainingPlan):
 
 def engine_backend(plan: TrainingPlan) -> str | None:
     """The process group's backend where accelerate would not find it: gloo for DeepSpeed on the CPU."""
-    return "gloo" if plan.strategy in ("zero2", "zero3") and plan.hardware.device == "cpu" else None
+    return "gloo" if plan.deepspeed and plan.hardware.device == "cpu" else None
 
 
 def deepspeed_config(recipe: Recipe, plan: TrainingPlan) -> dict[str, Any] | None:
     """The DeepSpeed config of a zero2/zero3 run: the user's JSON (distributed.deepspeed_config), else one made
     from the recipe. Batch size, accumulation, clipping and precision are 'auto': the Trainer fills them in from
     train.* so they cannot disagree. None for the other strategies."""
-    if plan.strategy not in ("zero2", "zero3"):
+    if not plan.deepspeed:
         return None
     d = recipe.distributed
     if d.deepspeed_config is not None:
@@ -169,10 +169,11 @@ def is_sharded_tensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def full_trained_state(model: nn.Module, plan: TrainingPlan, trainable_only: bool) -> dict[str, torch.Tensor]:
+def full_trained_state(model: nn.Module, plan: TrainingPlan, trainable_only: bool) -> dict[str, torch.Tensor] | None:
     """The weights as one process would hold them (a collective: every process calls it), for the adapter (or, for
-    a full fine-tune, the model) saved beside sharded checkpoints and at the end. `trainable_only`: the trained
-    parameters only (an adapter), never the whole 30B model gathered for a few MB of LoRA."""
+    a full fine-tune, the model) saved beside sharded checkpoints and at the end; None where every process holds
+    whole parameters already (single, ddp, zero2). `trainable_only`: the trained parameters only (an adapter), never
+    the whole 30B model gathered for a few MB of LoRA."""
     if plan.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -191,7 +192,7 @@ def full_trained_state(model: nn.Module, plan: TrainingPlan, trainable_only: boo
             with deepspeed.zero.GatheredParameters([p]):
                 out[name] = p.detach().cpu().clone()
         return out
-    return {n: p.detach() for n, p in model.state_dict().items()}
+    return None
 
 
 def held_values(model: nn.Module) -> tuple[int, int]:

@@ -84,6 +84,11 @@ class TrainingPlan:
         """Whether parameters, gradients or optimizer state are split across processes (FSDP2, ZeRO)."""
         return self.strategy in SHARDED
 
+    @property
+    def deepspeed(self) -> bool:
+        """Whether DeepSpeed (ZeRO) is the engine."""
+        return self.strategy in ("zero2", "zero3")
+
     def lines(self) -> list[str]:
         """The plan as printed at the start of every run."""
         h = self.hardware

@@ -100,7 +100,7 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         accelerator_config={"non_blocking": True, "use_configured_state": engine_backend(plan) is not None},
         # DeepSpeed on a CPU-only machine runs through accelerate's DeepSpeed path with DS_ACCELERATOR=cpu, which
         # accelerate takes only when not told use_cpu (train/distributed.py)
-        disable_tqdm=False, use_cpu=plan.hardware.device == "cpu" and not plan.strategy.startswith("zero"),
+        disable_tqdm=False, use_cpu=plan.hardware.device == "cpu" and not plan.deepspeed,
         deepspeed=deepspeed_config(recipe, plan),
         # DDP: towers trained in full (modules_to_save) get no gradient from batches without their modality
         ddp_find_unused_parameters=plan.unused_parameters if plan.world_size > 1 else None,
@@ -233,7 +233,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         console.print(summary)
     eval_loss = final_eval_loss(trainer) if eval_ds is not None else None
     full = recipe.adapter.method == "full"
-    weights = full_trained_state(model, plan, trainable_only=not full) if plan.strategy in ("fsdp2", "zero3") else None
+    weights = full_trained_state(model, plan, trainable_only=not full)  # None where every process holds them
     if state.is_main_process:
         save_final(model, processor, run, full=full, state_dict=weights)
     state.wait_for_everyone()
