@@ -45,12 +45,18 @@ def user_errors():
 def prepare(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
             show: int = typer.Option(0, help="print the first N rendered samples with trained spans marked"),
             dump: Optional[Path] = typer.Option(None, help="write {line, input_ids, labels} per kept record")):
-    """Validate every record, decode media once, cache processed features, print statistics."""
+    """Validate every record, decode media once, cache processed features (and the frozen towers' outputs), print
+    statistics."""
+    from omnitune.data.encoder_cache import encode_at_prepare
     from omnitune.data.prepare import run_prepare
     from omnitune.model.load import load_processor
+    from omnitune.train.plan import make_plan
     r = _recipe(recipe, set_)
     with user_errors():
-        run_prepare(r, load_processor(r.model), show=show, dump=dump, console=console)
+        done = run_prepare(r, load_processor(r.model), show=show, dump=dump, console=console)
+        plan = make_plan(r)
+        if plan.encoder_cache:  # the frozen towers run once, here
+            encode_at_prepare(r, [done["train_cache"], done["eval_cache"]], plan.hardware.device_str, console)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -21,7 +22,7 @@ from omnitune.train.distributed import forward_owner, full_trained_state, is_sha
 from omnitune.train.distributed_checkpoint import load_sharded_model, load_sharded_optimizer, save_sharded
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import PACKED_KEYS, Objective, packed_position_ids
-from omnitune.train.optimizer import MultiTensorAdamW, kernel_applies
+from omnitune.train.optimizer import MultiTensorAdamW, OptimizerInBackward, kernel_applies, low_memory_optimizer
 from omnitune.train.plan import TrainingPlan
 from omnitune.transfer import scalar
 
@@ -63,6 +64,15 @@ class OmniTrainer(Trainer):
             return MultiTensorAdamW, kwargs
         return cls, kwargs
 
+    def _get_train_sampler(self, train_dataset=None):
+        """HF's sampler; the length-grouped one takes the lengths from the data cache's manifest instead of reading
+        every sample (HF's fallback for datasets that are not `datasets.Dataset`)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
     def create_optimizer(self, model=None):
         optimizer = self._create_optimizer(model)
         if self.guard is not None:
@@ -70,16 +80,29 @@ class OmniTrainer(Trainer):
         return optimizer
 
     def _create_optimizer(self, model=None):
+        plan = self.plan
+        if plan is not None and self.optimizer is None and (plan.optimizer_in_backward or plan.optimizer in (
+                "adamw8bit", "adamw4bit", "adamw_cpu")):
+            _, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = low_memory_optimizer(
+                plan.optimizer, self._parameter_groups(), lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
+                device=plan.hardware.device, offload_gradients=self.args.gradient_accumulation_steps == 1)
+            if plan.optimizer_in_backward:
+                self.optimizer = OptimizerInBackward(self.optimizer)
+            return self.optimizer
         if self.plan is not None and self.plan.optimizer == "hf_default" and self.optimizer is None:
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
-            decay = self.get_decay_parameter_names(self.model)
-            groups = [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n in decay],
-                       "weight_decay": self.args.weight_decay},
-                      {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay],
-                       "weight_decay": 0.0}]
-            self.optimizer = cls(groups, **kwargs)
+            self.optimizer = cls(self._parameter_groups(), **kwargs)
             return self.optimizer
         return super().create_optimizer(model)
+
+    def _parameter_groups(self) -> list[dict]:
+        """HF's two groups: weights that decay, and those that don't (biases, norms)."""
+        decay = self.get_decay_parameter_names(self.model)
+        return [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n in decay],
+                 "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay],
+                 "weight_decay": 0.0}]
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The objective's items (trained tokens) of an optimizer step's micro-batches, summed over processes."""
@@ -152,9 +175,11 @@ class OmniTrainer(Trainer):
             return self._eager_step(model, inputs, num_items_in_batch, reason)
         model.train()
         batch = dict(inputs)
-        position_ids = None
+        position_ids = batch.pop("position_ids", None)  # the collator's, computed on the host (train/host_layout.py)
         if "seq_lengths" in batch:
-            position_ids = packed_position_ids(self.graphed.backbone, batch, *[batch.pop(k) for k in PACKED_KEYS])
+            packed = [batch.pop(k) for k in PACKED_KEYS]
+            if position_ids is None:
+                position_ids = packed_position_ids(self.graphed.backbone, batch, *packed)
         try:
             with self.compute_loss_context_manager():
                 loss = self.graphed(batch, position_ids, num_items_in_batch)
