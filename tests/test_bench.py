@@ -83,7 +83,29 @@ def test_the_trainer_bench_dry_runs_both_paths_through_omnitune_train(tmp_path):
     assert any("omnitune fused kernels" in line for line in ours["plan"])
     assert any("transformers + PEFT (plain)" in line for line in peft["plan"])
     assert 64 <= ours["tokens"] <= 96 and ours["ms"] > 0 and len(ours["step_intervals_ms"]) == 2
-    assert "| ours | omnitune train (r16, 2 layers) |" in res.stdout
+    assert "| ours | text | omnitune train (r16, 2 layers) |" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_trainer_bench_dry_runs_media_rows_with_and_without_the_encoder_cache(tmp_path):
+    """The media rows (image + audio, video with its audio track) through the real trainer on the CPU: the cached
+    run, the uncached one and the plain path all finish, on the same samples, and the table compares them."""
+    env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out"),
+           "OMNITUNE_CACHE": os.environ["OMNITUNE_CACHE"]}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--runs", "ours,ours-nocache,peft", "--data",
+           "image_audio,video", "--seq", "256", "--layers", "1", "--steps", "2", "--warmup", "1", "--set",
+           "train.precision=fp32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "bench_train.json").read_text())["results"]
+    assert all("error" not in r for r in results), results
+    assert [(r["run"], r["data"], r["encoder_cache"]) for r in results] == [
+        ("ours", "image_audio", True), ("ours-nocache", "image_audio", False), ("peft", "image_audio", False),
+        ("ours", "video", True), ("ours-nocache", "video", False), ("peft", "video", False)]
+    by = {(r["run"], r["data"]): r for r in results}
+    assert by[("ours", "video")]["tokens"] == by[("peft", "video")]["tokens"] > 64  # the same samples
+    assert by[("ours", "image_audio")]["encode_s"] > 0 and by[("peft", "image_audio")]["encode_s"] == 0
+    assert "| ours | video | omnitune train (r16, 1 layers) |" in res.stdout and "| cached |" in res.stdout
 
 
 @pytest.mark.slow

@@ -45,20 +45,36 @@ def user_errors():
 def prepare(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
             show: int = typer.Option(0, help="print the first N rendered samples with trained spans marked"),
             dump: Optional[Path] = typer.Option(None, help="write {line, input_ids, labels} per kept record")):
-    """Validate every record, decode media once, cache processed features, print statistics."""
+    """Validate every record, decode media once, cache processed features (and the frozen towers' outputs), print
+    statistics."""
+    from omnitune.data.encoder_cache import encode_at_prepare
     from omnitune.data.prepare import run_prepare
     from omnitune.model.load import load_processor
+    from omnitune.train.plan import make_plan
     r = _recipe(recipe, set_)
     with user_errors():
-        run_prepare(r, load_processor(r.model), show=show, dump=dump, console=console)
+        done = run_prepare(r, load_processor(r.model), show=show, dump=dump, console=console)
+        plan = make_plan(r)
+        if plan.encoder_cache:  # the frozen towers run once, here
+            encode_at_prepare(r, [done["train_cache"], done["eval_cache"]], plan.hardware.device_str, console)
 
 
 @app.command()
 def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint")):
+          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint"),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="processes (GPUs) per machine: runs under torchrun "
+                                    "with distributed.strategy (docs/scaleout.md)"),
+          nnodes: int = typer.Option(1, "--nnodes", min=1, help="machines, each running this same command"),
+          rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint",
+                                                      help="HOST:PORT every machine reaches (with --nnodes)")):
     """Train (LoRA or full) as the recipe says; writes the run directory (output_dir)."""
-    from omnitune.train.run import train as run_train
     r = _recipe(recipe, set_)
+    if nproc > 1 or nnodes > 1:
+        from omnitune.train.distributed_launch import launch
+        with user_errors():
+            code = launch(r, recipe, set_ or [], resume, nproc, nnodes, rdzv_endpoint)
+        raise typer.Exit(code)
+    from omnitune.train.run import train as run_train
     with user_errors():
         run_train(r, resume=resume, console=console)
 

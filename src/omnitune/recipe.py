@@ -55,6 +55,12 @@ class DataConfig(_Section):
                                    "data file's folder")
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
+    encoder_cache: bool | None = Field(None, description="run the frozen audio/vision towers once before training "
+                                       "and train on their stored outputs (data/encoder_cache.py); default: on "
+                                       "when the towers, projector and merger are all frozen")
+    group_by_length: bool | None = Field(None, description="batches of samples of similar length (HF's length-grouped "
+                                         "sampler: random mega-batches of 50 batches, sorted by length), so padding "
+                                         "stays low; default: on for padded batches of more than one sample")
     packing: bool = Field(False, description="padding-free packing: each batch of train.batch_size samples "
                           "becomes ONE row of their unpadded tokens (batch size = samples per packed row), "
                           "attention masked per sample, M-RoPE positions per sample")
@@ -191,10 +197,31 @@ class TrainConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    """How a multi-process launch (torchrun) trains: data parallel copies of the model, one per GPU."""
-    strategy: Literal["none", "ddp"] = Field(
-        "none", description="ddp: launch with torchrun, one process per GPU, each holding the whole model "
-        "(gradients all-reduced); FSDP / DeepSpeed sharding is not supported yet")
+    """How a multi-process launch (`omnitune train --nproc N`, or torchrun) trains (docs/scaleout.md)."""
+    strategy: Literal["none", "ddp", "fsdp2", "zero2", "zero3"] = Field(
+        "none", description="ddp: every process holds the whole model, gradients all-reduced; fsdp2: PyTorch "
+        "FSDP2, parameters, gradients and optimizer state sharded per decoder layer and tower; zero2: DeepSpeed "
+        "ZeRO-2 (gradients and optimizer state sharded); zero3: DeepSpeed ZeRO-3 (parameters too)")
+    offload: Literal["none", "optimizer", "params"] = Field(
+        "none", description="to host memory: optimizer (zero2, zero3: optimizer state and its step on the CPU), "
+        "params (zero3: parameters too; fsdp2: parameters, gradients and optimizer state)")
+    deepspeed_config: str | None = Field(
+        None, description="zero2/zero3: your own DeepSpeed JSON instead of the one made from the recipe "
+        "(batch size, accumulation, clipping and precision set to 'auto' are filled in from train.*)")
+
+    @model_validator(mode="after")
+    def _engine_supports(self) -> DistributedConfig:
+        if self.offload != "none" and self.strategy in ("none", "ddp"):
+            raise ValueError(f"distributed.offload={self.offload} needs a sharded strategy (fsdp2, zero2, zero3)")
+        if self.offload == "params" and self.strategy == "zero2":
+            raise ValueError("distributed.offload=params needs zero3 (ZeRO-2 does not shard parameters); "
+                             "use offload=optimizer")
+        if self.offload == "optimizer" and self.strategy == "fsdp2":
+            raise ValueError("distributed.offload=optimizer: FSDP2 offloads parameters, gradients and optimizer "
+                             "state together; use offload=params")
+        if self.deepspeed_config is not None and self.strategy not in ("zero2", "zero3"):
+            raise ValueError("distributed.deepspeed_config needs distributed.strategy zero2 or zero3")
+        return self
 
 
 class LogConfig(_Section):

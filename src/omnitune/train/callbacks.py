@@ -66,7 +66,7 @@ class KeepActivations(TrainerCallback):
             return
         layers = self.layers
         if layers == "auto":
-            if next(model.parameters()).device.type != "cuda":
+            if next(stack[0].parameters()).device.type != "cuda":  # the decoder's (the towers may be on the host)
                 return
             plan = auto_uncheckpointed_layers(model, self.tokens, replicas=args.world_size,
                                               state_bytes=self.state_bytes)

@@ -140,7 +140,7 @@ def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes
     one layer's recompute (x2 for its backward) and a reserve."""
     from omnitune.train.memory import device_budget
 
-    device = next(model.parameters()).device
+    device = next(parts.decoder_layers(model, stack)[0].parameters()).device  # the towers may be on the host
     total = device_budget("cuda", device.index or 0)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = trainable * 3 if state_bytes is None else state_bytes

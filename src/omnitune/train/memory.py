@@ -149,7 +149,7 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
     weights = 0.0
     streamed = 0.0
     for name, p in model.named_parameters():
-        if owner(name) != "other" and plan.offload_towers:
+        if owner(name) != "other" and plan.towers_on_host:
             continue
         if name in experts and plan.offload_experts:
             streamed += p.numel() * NF4_BYTES
@@ -205,7 +205,7 @@ def levers(recipe: Recipe, plan, found: dict[str, float]) -> tuple[str, ...]:
                     "adapter.lora_dtype=bfloat16 with train.optimizer=adamw8bit|adamw4bit (half the LoRA bytes)"))
     if not t.optimizer_in_backward and t.optimizer != "adamw_cpu":
         out.append((found["grads"], "train.optimizer_in_backward=true with train.grad_accum=1 (no gradients kept)"))
-    if not t.offload_towers:
+    if not plan.towers_on_host:
         out.append((0.0, "train.offload_towers=true (text-only data: the frozen towers stay in host memory)"))
     if not plan.gradient_checkpointing:
         out.append((found["activations"], "train.gradient_checkpointing=true"))
