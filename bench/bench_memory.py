@@ -15,6 +15,7 @@ Rows (recipe overrides on bench_train's base: the `instruct` preset at r16, batc
   qlora-offload the qlora row with the NF4 experts streamed from pinned host memory, cap 14 GiB (a 16 GB card)
   qlora-plain   QLoRA r16 with fp32 LoRA and AdamW (before issue 21), no cap
   peft          transformers grouped_mm + PEFT r16 as they ship, no cap
+  video30       the instruct row with one 30 s video sample (real-width towers; bench_train's video data), no cap
 
 Usage (GPU machine; .wheels holds torchao, bench/fetch_wheels.sh): source bench/gpu_env.sh &&
     python3 bench/bench_memory.py [--runs r16,instruct,qlora,qlora-offload,peft] [--seq 4096 --layers 48 --steps 6
@@ -63,7 +64,10 @@ RUNS: dict[str, tuple[list[str], float | None, str]] = {
                       "<= 14 GiB (community best 7.2 GB at seq 2048)"),
     "qlora-plain": (["adapter.method=qlora", *PLAIN], None, "before: 27.9 GiB measured"),
     "peft": (["model.experts=grouped_mm", "train.uncheckpointed_layers=0", *PLAIN], None, "plain baseline"),
+    "video30": (["adapter.rank=64", "adapter.alpha=128", *shipped()], None,
+                "below 88.5 GB (82.4 GiB), the seed's inference figure for a 30 s video"),
 }
+DATA = {"video30": "video"}  # rows whose sample is not text: bench_train's 30 s video, real-width towers
 
 
 def child(name: str, args) -> dict:
@@ -98,7 +102,7 @@ def child(name: str, args) -> dict:
     train_run.check_fits = recording
     # measured even where the estimate says it won't fit: the estimate is recorded beside the peak
     result = bench_train.child(name, [*overrides, "train.check_memory=false", *args.set], args.seq, args.layers,
-                               args.steps, args.warmup)
+                               args.steps, args.warmup, data=DATA.get(name, "text"))
     est = seen.get("estimate")
     result.update(cap_gib=cap, estimate_gib=est.total / 2**30 if est else None,
                   estimate_parts={k: v / 2**30 for k, v in est.parts.items()} if est else None,

@@ -211,9 +211,9 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     if t.optimizer_in_backward and strategy != "single":
         raise RecipeError("train.optimizer_in_backward steps each tensor before the gradient all-reduce: it "
                           "trains one process only; set it false for distributed.strategy=" + strategy)
-    if strategy in SHARDED and t.optimizer != "adamw":
-        raise RecipeError(f"train.optimizer={t.optimizer} with distributed.strategy={strategy}: the engine shards "
-                          "AdamW's state itself (distributed.offload moves it to the host); set train.optimizer=adamw")
+    if strategy in SHARDED and t.optimizer == "adamw_cpu":
+        raise RecipeError(f"train.optimizer=adamw_cpu with distributed.strategy={strategy}: the engine shards AdamW's "
+                          "state itself; distributed.offload=optimizer moves it to the host")
     if strategy in ("fsdp2", "zero3") and recipe.adapter.method == "qlora":
         raise RecipeError(f"adapter.method=qlora with distributed.strategy={strategy}: the 4-bit experts cannot be "
                           "sharded by the engine; use ddp (QLoRA fits one GPU)")
@@ -223,6 +223,13 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     fast = recipe.model.experts == "omnitune"
     # the engines hold the sharded (or flattened) parameters the optimizer steps: torch's AdamW, not our kernel
     optimizer, notes = _optimizer(recipe, hw, fast and strategy not in SHARDED)
+    lora_dtype = recipe.adapter.lora_dtype if recipe.adapter.method != "full" else "float32"
+    if strategy in SHARDED and optimizer in ("adamw8bit", "adamw4bit"):
+        # the presets' one-GPU memory settings: the engine's sharded AdamW takes their place, over fp32 LoRA (bf16
+        # weights need the low-bit optimizers' fp32 math and stochastic rounding)
+        notes.append(f"optimizer: {strategy} shards AdamW's state itself: train.optimizer={optimizer} and "
+                     f"adapter.lora_dtype={lora_dtype} give way to the engine's AdamW over fp32 LoRA")
+        optimizer, lora_dtype = "hf_default", "float32"
     cached, cached_why = _encoder_cache(recipe)
     offload_towers = (t.offload_towers and hw.device == "cuda" and not trains_a_tower(recipe) and not cached
                       and strategy not in SHARDED)
@@ -248,7 +255,7 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         objective=objective, hardware=hw, strategy=strategy, precision=t.precision, fast_paths=fast,
         loss="chunked" if fast else "plain",
         optimizer=optimizer, optimizer_in_backward=t.optimizer_in_backward,
-        lora_dtype=recipe.adapter.lora_dtype if recipe.adapter.method != "full" else "float32",
+        lora_dtype=lora_dtype,
         offload_towers=offload_towers, offload_experts=t.offload_experts, offload=recipe.distributed.offload,
         cuda_graphs=graphs, cuda_graphs_why=why, graph_bucket=t.graph_bucket,
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
@@ -265,7 +272,8 @@ def _optimizer(recipe: Recipe, hw: Hardware, fast: bool) -> tuple[str, list[str]
     notes = []
     if t.optimizer_in_backward:
         notes.append("optimizer in backward: gradients are freed as they are produced; no global-norm clipping "
-                     "(train.max_grad_norm unused); a non-finite gradient entry is zeroed, and such steps are counted, not skipped")
+                     "(train.max_grad_norm unused); a non-finite gradient entry is zeroed, and such steps are "
+                     "counted, not skipped")
     if t.optimizer == "adamw_cpu" and hw.device != "cuda":
         notes.append("optimizer: adamw_cpu without a CUDA device is AdamW (its state is in host memory already)")
     elif t.optimizer != "adamw":
