@@ -58,7 +58,10 @@ MEDIA = {"text": (0, 0.0, 0.0, 0), "image_audio": (64, 1.0, 0.0, 0) if TINY else
          "video": (0, 0.0, 2.0, 64) if TINY else (0, 0.0, 30.0, 320)}
 BASE = ["adapter.rank=16", "adapter.alpha=32", "train.batch_size=1", "train.grad_accum=1", "train.lr=1e-5",
         "train.warmup_ratio=0", "train.save_steps=100000", "train.logging_steps=100000", "log.tensorboard=false",
-        "data.workers=1", "model.path=tiny"]  # the tiny checkpoint only lends its processor (the real tokenizer)
+        "data.workers=1", "model.path=tiny",  # the tiny checkpoint only lends its processor (the real tokenizer)
+        # the speed path as measured before issue 21: fp32 LoRA and AdamW on the GPU (bench_memory.py measures the
+        # presets' memory settings)
+        "adapter.lora_dtype=float32", "train.optimizer=adamw", "train.offload_towers=false"]
 
 
 def media_tokens(kind: str) -> int:

@@ -122,3 +122,23 @@ def test_the_serving_bench_dry_runs_through_the_real_server(tmp_path):
     assert out["speech"]["audio_s"] == pytest.approx((13 * 1920 - 555) / 24000) and out["speech"]["pieces"] == 2
     assert [c["requests"] for c in out["concurrency"]] == [1, 8] and all(c["tokens"] > 0 for c in out["concurrency"])
     assert "| speech: real-time factor" in res.stdout and "| text: time to first token" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_memory_bench_dry_runs_its_rows_through_omnitune_train(tmp_path):
+    """bench/bench_memory.py: each row is the real trainer in its own process, with the plan's memory estimate
+    recorded beside the peak (no cap off the GPU)."""
+    env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out"),
+           "OMNITUNE_CACHE": os.environ["OMNITUNE_CACHE"]}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_memory.py"), "--runs", "r16,instruct,qlora", "--seq", "96",
+           "--layers", "2", "--steps", "3", "--warmup", "1", "--set", "train.precision=fp32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "bench_memory.json").read_text())["results"]
+    assert [r["run"] for r in results] == ["r16", "instruct", "qlora"] and all("error" not in r for r in results)
+    _, instruct, qlora = results
+    assert instruct["rank"] == 64 and instruct["cap_gib"] == 76 and qlora["method"] == "qlora"
+    assert any("optimizer: adamw8bit" in line for line in instruct["plan"])
+    assert any("stepped inside the backward" in line for line in qlora["plan"])
+    assert all(r["estimate_gib"] > 0 and set(r["estimate_parts"]) >= {"weights", "optimizer"} for r in results)
+    assert "| instruct | lora r64 | 76 |" in res.stdout and "| r16 | lora r16 | - |" in res.stdout

@@ -61,10 +61,20 @@ def prepare(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
 
 @app.command()
 def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint")):
+          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint"),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="processes (GPUs) per machine: runs under torchrun "
+                                    "with distributed.strategy (docs/scaleout.md)"),
+          nnodes: int = typer.Option(1, "--nnodes", min=1, help="machines, each running this same command"),
+          rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint",
+                                                      help="HOST:PORT every machine reaches (with --nnodes)")):
     """Train (LoRA or full) as the recipe says; writes the run directory (output_dir)."""
-    from omnitune.train.run import train as run_train
     r = _recipe(recipe, set_)
+    if nproc > 1 or nnodes > 1:
+        from omnitune.train.distributed_launch import launch
+        with user_errors():
+            code = launch(r, recipe, set_ or [], resume, nproc, nnodes, rdzv_endpoint)
+        raise typer.Exit(code)
+    from omnitune.train.run import train as run_train
     with user_errors():
         run_train(r, resume=resume, console=console)
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 from transformers import TrainingArguments, set_seed
@@ -24,9 +23,12 @@ from omnitune.model.load import load_processor, load_thinker
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
-from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
+from omnitune.train.callbacks import KeepActivations, MetricsLog, OffloadTowers, StepStarted
+from omnitune.train.distributed import (ShardReport, deepspeed_config, engine_backend, full_trained_state,
+                                        process_state, shard)
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.host_layout import HostLayout
+from omnitune.train.memory import MemoryEstimate, check_fits
 from omnitune.train.objectives import ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
 from omnitune.train.resume import CheckpointError, resumable_checkpoint
@@ -40,6 +42,7 @@ class TrainResult:
     train_loss: float | None
     eval_loss: float | None
     plan: TrainingPlan | None = None
+    memory: MemoryEstimate | None = None
 
 
 def absolute_recipe(recipe: Recipe) -> Recipe:
@@ -50,6 +53,8 @@ def absolute_recipe(recipe: Recipe) -> Recipe:
         value = getattr(r.data, key)
         if value is not None:
             setattr(r.data, key, str(recipe.resolve(value)))
+    if r.distributed.deepspeed_config is not None:
+        r.distributed.deepspeed_config = str(recipe.resolve(r.distributed.deepspeed_config))
     if recipe.model.path != "tiny" and Path(recipe.model.path).expanduser().exists():
         r.model.path = str(Path(recipe.model.path).expanduser().resolve())
     return r
@@ -95,8 +100,13 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
         # batches reach the GPU as queued copies from pinned memory: a blocking copy would wait for the previous
         # step's kernels every step, and the host's work after that wait would leave the GPU idle
-        dataloader_pin_memory=True, accelerator_config={"non_blocking": True},
-        disable_tqdm=False, use_cpu=plan.hardware.device == "cpu",
+        dataloader_pin_memory=True,
+        # use_configured_state: DeepSpeed on the CPU keeps the process state made for it (process_state)
+        accelerator_config={"non_blocking": True, "use_configured_state": engine_backend(plan) is not None},
+        # DeepSpeed on a CPU-only machine runs through accelerate's DeepSpeed path with DS_ACCELERATOR=cpu, which
+        # accelerate takes only when not told use_cpu (train/distributed.py)
+        disable_tqdm=False, use_cpu=plan.hardware.device == "cpu" and not plan.deepspeed,
+        deepspeed=deepspeed_config(recipe, plan),
         # DDP: towers trained in full (modules_to_save) get no gradient from batches without their modality
         ddp_find_unused_parameters=plan.unused_parameters if plan.world_size > 1 else None,
     )
@@ -172,9 +182,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
 
     plan = make_plan(recipe)
     check_adapter_config(recipe.adapter, "Qwen3OmniMoeThinkerForConditionalGeneration")
-    # joins the process group under torchrun (a no-op for one process); cpu= as the Trainer will ask for it, or
-    # accelerate takes a CPU launch for a single process and every process believes it is the main one
-    state = PartialState(cpu=plan.hardware.device == "cpu")
+    # joins the process group under torchrun (a no-op for one process), as the Trainer will ask for it
+    state = process_state(plan)
     console = console or Console()
     if not state.is_main_process:
         console = Console(quiet=True)  # one process reports
@@ -193,6 +202,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if state.is_main_process:
         run.save_recipe(recipe)
     console.print("[bold]plan[/bold]\n  " + "\n  ".join(plan.lines()), highlight=False)
+    memory = check_fits(recipe, plan, config=thinker.config if thinker is not None else None, model=thinker,
+                        report=lambda line: console.print("  " + line, highlight=False))
 
     with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
         processor = load_processor(recipe.model)
@@ -211,19 +222,26 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         with state.main_process_first():  # one process encodes, the others find its outputs
             train_ds, eval_ds = with_encoder_outputs([train_ds, eval_ds], thinker, plan.hardware.device_str, console)
     model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
-                               report=console.print)
-    if plan.encoder_cache and plan.world_size == 1:
+                               report=console.print, offload_experts=plan.offload_experts)
+    if plan.encoder_cache and plan.towers_on_host:
         from omnitune.data.encoder_cache import towers_to_host
 
         towers_to_host(model)
     enable_selective_checkpointing(model, plan)
     print_summary(model, console)
+    model = shard(model, plan)  # FSDP2 shards here; ZeRO when the Trainer builds its engine (train/distributed.py)
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None, plan=plan)
     metrics = MetricsLog(run.metrics)
     callbacks = [metrics]
+    if plan.sharded:
+        callbacks.append(ShardReport(plan, report=console.print))
+    if plan.offload_towers:
+        callbacks.append(OffloadTowers(report=console.print))
     if plan.gradient_checkpointing and plan.uncheckpointed_layers:
-        callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print))
+        pending = memory.parts["grads"] + memory.parts["optimizer"] if memory is not None else None
+        callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print,
+                                         state_bytes=pending))
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
@@ -255,15 +273,17 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if summary:
         console.print(summary)
     eval_loss = final_eval_loss(trainer) if eval_ds is not None else None
+    full = recipe.adapter.method == "full"
+    weights = full_trained_state(model, plan, trainable_only=not full)  # None where every process holds them
     if state.is_main_process:
-        save_final(model, processor, run, full=recipe.adapter.method == "full")
+        save_final(model, processor, run, full=full, state_dict=weights)
     state.wait_for_everyone()
     train_loss = metrics.run_loss() if state.is_main_process else None
     train_loss = out.training_loss if train_loss is None else train_loss
     console.print(f"[green]done[/]: {out.global_step} steps, train loss {train_loss:.4f} (mean over the run's "
                   "steps)" + (f", eval loss {eval_loss:.4f} (modality-weighted, over the eval set)"
                               if eval_loss is not None else "") + f" -> {run.root}")
-    return TrainResult(run, out.global_step, train_loss, eval_loss, plan)
+    return TrainResult(run, out.global_step, train_loss, eval_loss, plan, memory)
 
 
 def final_eval_loss(trainer: OmniTrainer) -> float:
@@ -275,9 +295,14 @@ def final_eval_loss(trainer: OmniTrainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def save_final(model: torch.nn.Module, processor, run: RunDir, full: bool) -> None:
-    """RUN/adapter (or RUN/model) and RUN/processor, each written to a temp dir and renamed into place."""
-    for target, write in ((run.model if full else run.adapter, model.save_pretrained),
+def save_final(model: torch.nn.Module, processor, run: RunDir, full: bool,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """RUN/adapter (or RUN/model) and RUN/processor, each written to a temp dir and renamed into place.
+    `state_dict`: the weights gathered from a sharded run (train/distributed.py), written as one process's."""
+    def write_model(path: str) -> None:
+        model.save_pretrained(path, **({} if state_dict is None else {"state_dict": state_dict}))
+
+    for target, write in ((run.model if full else run.adapter, write_model),
                           (run.processor, processor.save_pretrained)):
         tmp = staging_dir(run.root, f".{target.name}-")
         write(str(tmp))
