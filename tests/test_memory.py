@@ -49,7 +49,7 @@ def test_the_plan_says_which_levers_run_and_what_they_cost():
     assert plan.optimizer == "adamw8bit" and plan.optimizer_in_backward and plan.lora_dtype == "bfloat16"
     assert "(stepped inside the backward)" in text and "LoRA weights bf16" in text
     assert not plan.cuda_graphs and "inside the backward" in plan.cuda_graphs_why
-    assert "no global-norm clipping" in text and plan.offload_towers and "host memory" in text
+    assert "no global-norm clipping" in text and plan.towers_on_host and "host memory" in text
     cpu = make_plan(load_recipe("demo", ["train.optimizer=adamw_cpu", "train.offload_towers=true"]),
                     Hardware("cpu", "cpu", None))
     assert cpu.optimizer == "hf_default" and not cpu.offload_towers

@@ -15,7 +15,10 @@ def plan(*overrides, hardware=H200):
 def test_the_presets_on_a_gpu_take_the_fast_path_with_graphs():
     p = plan()
     assert p.cuda_graphs and p.fast_paths and p.loss == "chunked" and p.optimizer == "adamw8bit"
-    assert p.lora_dtype == "bfloat16" and p.offload_towers and not p.optimizer_in_backward  # memory (issue 21)
+    assert p.lora_dtype == "bfloat16" and p.towers_on_host and not p.optimizer_in_backward  # memory (issue 21)
+    # the towers stay on the host one way: never needed (stored outputs), else streamed in for media batches
+    assert p.encoder_cache and not p.offload_towers
+    assert plan("data.encoder_cache=false").offload_towers
     fp32 = plan("adapter.lora_dtype=float32", "train.optimizer=adamw")
     assert fp32.optimizer == "multi_tensor_adamw" and fp32.cuda_graphs
     assert not p.preserve_rng_state and p.micro_batch_tokens == 4096 and p.strategy == "single"
