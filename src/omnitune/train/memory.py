@@ -177,6 +177,11 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
     world = max(plan.world_size, 1)
     for key in SHARDED.get(plan.strategy, ()):
         found[key] /= world
+    # distributed.offload: the engine keeps AdamW's state (and with `params` the weights, gathered a layer at a
+    # time) in host memory
+    for key in {"none": (), "optimizer": ("optimizer",),
+                "params": ("optimizer", "weights", "trainable")}[plan.offload]:
+        found[key] = 0.0
     budget = budget if budget is not None else device_budget(plan.hardware.device, plan.hardware.local_rank)
     if not plan.gradient_checkpointing:
         kept = layers

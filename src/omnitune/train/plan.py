@@ -211,9 +211,6 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     if t.optimizer_in_backward and strategy != "single":
         raise RecipeError("train.optimizer_in_backward steps each tensor before the gradient all-reduce: it "
                           "trains one process only; set it false for distributed.strategy=" + strategy)
-    if strategy in SHARDED and t.optimizer != "adamw":
-        raise RecipeError(f"train.optimizer={t.optimizer} with distributed.strategy={strategy}: the engine shards "
-                          "AdamW's state itself (distributed.offload moves it to the host); set train.optimizer=adamw")
     if strategy in ("fsdp2", "zero3") and recipe.adapter.method == "qlora":
         raise RecipeError(f"adapter.method=qlora with distributed.strategy={strategy}: the 4-bit experts cannot be "
                           "sharded by the engine; use ddp (QLoRA fits one GPU)")
@@ -221,8 +218,12 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         raise RecipeError("distributed.strategy=fsdp2 trains in bf16 or fp32 (fp16 would need a sharded gradient "
                           "scaler): set train.precision=bf16")
     fast = recipe.model.experts == "omnitune"
-    # the engines hold the sharded (or flattened) parameters the optimizer steps: torch's AdamW, not our kernel
-    optimizer, notes = _optimizer(recipe, hw, fast and strategy not in SHARDED)
+    optimizer, notes = _optimizer(recipe, hw, fast)
+    if strategy in SHARDED and optimizer != "hf_default":
+        # the engines step sharded (FSDP2) or flattened (ZeRO) parameters: torch's AdamW, whose state they shard
+        notes.append(f"optimizer: AdamW under {strategy}, which shards its state over the processes (train.optimizer="
+                     f"{t.optimizer} is for one process or ddp); distributed.offload=optimizer moves it to the host")
+        optimizer = "hf_default"
     cached, cached_why = _encoder_cache(recipe)
     offload_towers = (t.offload_towers and hw.device == "cuda" and not trains_a_tower(recipe) and not cached
                       and strategy not in SHARDED)
