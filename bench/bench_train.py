@@ -21,7 +21,8 @@ Timing: the interval between the optimizer steps `--warmup` and `--steps` (the h
 both ends), so graph captures and the first steps are outside it. MFU = tok/s x 4 x active params / 770e12, with the
 active parameters of the depth measured (bench/common.py). Prints a table, writes $OUT/bench_train.json.
 
-Usage (GPU machine): source bench/gpu_env.sh && python3 bench/bench_train.py \\
+Usage: the video rows need PyAV on the GPU machine: `bash bench/fetch_wheels.sh video` here, carry .wheels. Then
+(GPU machine) source bench/gpu_env.sh && python3 bench/bench_train.py \\
     --runs ours,peft --data text,image_audio,video --seq 4096 --layers 48 [--steps 8 --warmup 3] [--set ...]
 BENCH_DEVICE=cpu BENCH_TINY=1 dry-runs the same code on a CPU at tiny widths (tests/test_bench.py).
 """

@@ -23,6 +23,8 @@ def test_sharded_strategies_turn_graphs_off_and_say_so(strategy):
     _, p = plan(f"distributed.strategy={strategy}")
     assert p.strategy == strategy and p.sharded and not p.cuda_graphs and "engine gathers" in p.cuda_graphs_why
     assert p.optimizer == "hf_default"  # the engine's sharded or flattened parameters: torch's AdamW
+    assert any(n.startswith(f"optimizer: AdamW under {strategy}") and "train.optimizer=adamw8bit" in n
+               for n in p.notes)  # the preset's 8-bit AdamW is for one process or ddp, and the printout says so
     assert p.lines()[0] == f"device: NVIDIA H200 x 4 processes ({strategy})"
 
 
@@ -97,3 +99,18 @@ def test_launcher_refuses_processes_without_a_strategy(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(RecipeError, match="set distributed.strategy"):
         launch(load_recipe("instruct"), "instruct", [], False, nproc=2, nnodes=1, rdzv_endpoint=None)
+
+
+def test_the_memory_estimate_divides_by_the_processes_and_leaves_offloaded_state_out(tiny_dir):
+    """The per-GPU estimate printed at the start (train/memory.py) follows the plan's strategy and offload."""
+    from omnitune.train.memory import estimate, thinker_config
+
+    def parts(*overrides):
+        recipe = load_recipe("demo", list(overrides))
+        return estimate(recipe, make_plan(recipe, GPUS), thinker_config(recipe), budget=80 << 30).parts
+
+    ddp, zero3 = parts("distributed.strategy=ddp"), parts("distributed.strategy=zero3")
+    offload = parts("distributed.strategy=zero3", "distributed.offload=optimizer")
+    assert zero3["weights"] == pytest.approx(ddp["weights"] / 4) and zero3["optimizer"] > 0  # 4 processes
+    assert offload["optimizer"] == 0 and offload["weights"] == zero3["weights"]
+    assert parts("distributed.strategy=zero3", "distributed.offload=params")["weights"] == 0

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from omnitune.kernels.grouped_gemm import grouped_mm, grouped_mm_loop
+from omnitune.kernels.grouped_gemm import grouped_mm, grouped_mm_loop, kernel_layout
 from omnitune.kernels.moe_experts import moe_experts_forward, reference_experts_forward, route
 
 
@@ -189,3 +189,27 @@ def test_provided_weights_are_rebuilt_for_the_backward_not_saved():
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert sorted(calls) == ["down_proj", "down_proj", "gate_up_proj", "gate_up_proj"]  # once more each for dX
     torch.testing.assert_close(grad, expected)
+
+
+def _expert_innermost(e: int, k: int, n: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """[E, K, N] whose expert dimension is the innermost (strides [1, N*E, E]): the layout bf16 expert-LoRA weights
+    reached the CUDA grouped GEMM in (an H100 refused it: "Invalid strides/sizes, got [1, 8192, 128]")."""
+    return torch.randn(k, n, e, dtype=dtype, device=device).permute(2, 0, 1)
+
+
+def test_kernel_layout_gives_the_cuda_kernel_a_unit_stride_and_the_same_values():
+    w = _expert_innermost(8, 32, 16)
+    assert 1 not in (w.stride(-1), w.stride(-2))
+    fixed = kernel_layout(w)
+    assert 1 in (fixed.stride(-1), fixed.stride(-2)) and torch.equal(fixed, w)
+    row_major, col_major = torch.randn(8, 32, 16), torch.randn(8, 16, 32).transpose(-2, -1)
+    assert kernel_layout(row_major) is row_major and kernel_layout(col_major) is col_major  # no copy needed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused grouped GEMM runs on CUDA")
+def test_cuda_grouped_mm_takes_expert_innermost_weights():
+    counts = torch.tensor([5, 0, 40, 19, 0, 8, 0, 56])
+    offs = torch.cumsum(counts, 0).to(torch.int32).cuda()
+    x = torch.randn(int(counts.sum()), 64, dtype=torch.bfloat16, device="cuda")
+    w = _expert_innermost(8, 64, 32, torch.bfloat16, "cuda")
+    torch.testing.assert_close(grouped_mm(x, w, offs), grouped_mm_loop(x, w, offs), rtol=2e-2, atol=2e-2)

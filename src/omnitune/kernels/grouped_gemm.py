@@ -38,9 +38,17 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
     return torch.cat(outs, dim=0)
 
 
+def kernel_layout(w: torch.Tensor) -> torch.Tensor:
+    """`w` [E, K, N] as the CUDA kernel takes it: each expert's matrix row- or column-major (one of the last two
+    strides 1). Other layouts (e.g. bf16 LoRA weights whose expert dimension is the innermost) are copied to
+    row-major; `torch._grouped_mm` refuses them ("Invalid strides/sizes")."""
+    return w if 1 in (w.stride(-1), w.stride(-2)) else w.contiguous()
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, force_loop: bool = False) -> torch.Tensor:
     """x [S, K] @ w[e] [K, N] per expert group given by offs -> [S, N]."""
     if not force_loop and grouped_mm_available(x, w):
+        w = kernel_layout(w)
         if _HAS_F_GROUPED_MM:
             return torch.nn.functional.grouped_mm(x, w, offs=offs)
         return torch._grouped_mm(x, w, offs=offs)

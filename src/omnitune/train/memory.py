@@ -175,14 +175,14 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
                           if plan.gradient_checkpointing else 0)
     found = {"weights": weights, "trainable": trained * value, "grads": grads,
              "optimizer": trained * OPTIMIZER_BYTES[kind], "activations": activations}
-    offload = getattr(plan, "offload", "none")  # distributed.offload: the engine keeps these in host memory
-    if offload in ("optimizer", "params"):
-        found["optimizer"] = 0.0
-    if offload == "params":
-        found["weights"] = found["trainable"] = 0.0
     world = max(plan.world_size, 1)
     for key in SHARDED_PARTS.get(plan.strategy, ()):
         found[key] /= world
+    # distributed.offload: the engine keeps AdamW's state (and with `params` the weights, gathered a layer at a
+    # time) in host memory
+    for key in {"none": (), "optimizer": ("optimizer",),
+                "params": ("optimizer", "weights", "trainable")}[plan.offload]:
+        found[key] = 0.0
     budget = budget if budget is not None else device_budget(plan.hardware.device, plan.hardware.local_rank)
     if not plan.gradient_checkpointing:
         kept = layers

@@ -211,9 +211,6 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
     if t.optimizer_in_backward and strategy != "single":
         raise RecipeError("train.optimizer_in_backward steps each tensor before the gradient all-reduce: it "
                           "trains one process only; set it false for distributed.strategy=" + strategy)
-    if strategy in SHARDED and t.optimizer == "adamw_cpu":
-        raise RecipeError(f"train.optimizer=adamw_cpu with distributed.strategy={strategy}: the engine shards AdamW's "
-                          "state itself; distributed.offload=optimizer moves it to the host")
     if strategy in ("fsdp2", "zero3") and recipe.adapter.method == "qlora":
         raise RecipeError(f"adapter.method=qlora with distributed.strategy={strategy}: the 4-bit experts cannot be "
                           "sharded by the engine; use ddp (QLoRA fits one GPU)")
@@ -221,14 +218,14 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         raise RecipeError("distributed.strategy=fsdp2 trains in bf16 or fp32 (fp16 would need a sharded gradient "
                           "scaler): set train.precision=bf16")
     fast = recipe.model.experts == "omnitune"
-    # the engines hold the sharded (or flattened) parameters the optimizer steps: torch's AdamW, not our kernel
-    optimizer, notes = _optimizer(recipe, hw, fast and strategy not in SHARDED)
+    optimizer, notes = _optimizer(recipe, hw, fast)
     lora_dtype = recipe.adapter.lora_dtype if recipe.adapter.method != "full" else "float32"
-    if strategy in SHARDED and optimizer in ("adamw8bit", "adamw4bit"):
-        # the presets' one-GPU memory settings: the engine's sharded AdamW takes their place, over fp32 LoRA (bf16
-        # weights need the low-bit optimizers' fp32 math and stochastic rounding)
-        notes.append(f"optimizer: {strategy} shards AdamW's state itself: train.optimizer={optimizer} and "
-                     f"adapter.lora_dtype={lora_dtype} give way to the engine's AdamW over fp32 LoRA")
+    if strategy in SHARDED and optimizer != "hf_default":
+        # the engines step sharded (FSDP2) or flattened (ZeRO) parameters: torch's AdamW, whose state they shard;
+        # over fp32 LoRA (bf16 weights need the low-bit optimizers' fp32 math and stochastic rounding)
+        notes.append(f"optimizer: AdamW under {strategy}, which shards its state over the processes (train.optimizer="
+                     f"{t.optimizer} is for one process or ddp); distributed.offload=optimizer moves it to the host"
+                     + ("; LoRA weights fp32" if lora_dtype == "bfloat16" else ""))
         optimizer, lora_dtype = "hf_default", "float32"
     cached, cached_why = _encoder_cache(recipe)
     offload_towers = (t.offload_towers and hw.device == "cuda" and not trains_a_tower(recipe) and not cached
