@@ -57,6 +57,15 @@ def test_the_plan_says_which_levers_run_and_what_they_cost():
     assert make_plan(load_recipe("captioner"), GPU).offload_towers is False  # its batches all have audio
 
 
+def test_under_a_sharding_engine_the_presets_one_gpu_levers_give_way_to_its_adamw():
+    four = Hardware("cuda", "H100", 80 * 10**9, world_size=4)
+    zero3 = make_plan(load_recipe("instruct", ["distributed.strategy=zero3"]), four)
+    assert (zero3.optimizer, zero3.lora_dtype) == ("hf_default", "float32")
+    assert any("shards its state" in n and "LoRA weights fp32" in n for n in zero3.notes)
+    fsdp2 = make_plan(load_recipe("demo", ["train.optimizer=adamw_cpu", "distributed.strategy=fsdp2"]), four)
+    assert fsdp2.optimizer == "hf_default" and any("distributed.offload=optimizer" in n for n in fsdp2.notes)
+
+
 def test_optimizer_in_backward_steps_each_tensor_as_adamw_would_and_frees_its_gradient():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
@@ -81,8 +90,13 @@ def test_optimizer_in_backward_steps_each_tensor_as_adamw_would_and_frees_its_gr
         plain_sched.step()
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in net.parameters()]
+    (net(torch.randn(4, 6)).sum() * float("nan")).backward()  # a non-finite step cannot poison the weights
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # AdamW's momentum moved them
     state = opt.state_dict()
     assert state["param_groups"][0]["lr"] == pytest.approx(1e-2 / 4) and len(state["state"]) == 4
+    assert state["state"][0]["step"] == 4
     opt.load_state_dict(state)  # new group dicts: the hooks find them by index
     sched.step()
     assert opt.inner.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
@@ -241,6 +255,9 @@ def test_the_estimate_shards_per_strategy_and_refuses_with_the_levers(tiny_dir):
         est = estimate(recipe, dataclasses.replace(four, strategy=strategy), config, budget=80 * 2**30)
         for part, value in est.parts.items():
             assert value == pytest.approx(one.parts[part] / (4 if part in sharded else 1)), (strategy, part)
+    zero3 = dataclasses.replace(four, strategy="zero3", offload="optimizer")
+    offloaded = estimate(recipe, zero3, config, budget=80 * 2**30)
+    assert offloaded.parts["optimizer"] == 0 and offloaded.parts["weights"] == pytest.approx(one.parts["weights"] / 4)
     small = estimate(recipe, make_plan(recipe, GPU), config, budget=2**20)
     assert not small.fits
     message = small.refusal()

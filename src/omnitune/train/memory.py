@@ -9,7 +9,8 @@ intermediates), within ~20% above what the real-width layer keeps (0.33 GiB at 4
 modelled); at run time `auto` checkpointing measures the real layer instead (train/checkpointing.py).
 
 Sharding (the plan's strategy over its world size): ddp shards nothing; zero2 shards gradients and optimizer
-state; zero3 and fsdp2 shard the weights as well. What is printed is per GPU.
+state; zero3 and fsdp2 shard the weights as well; distributed.offload keeps the optimizer state (optimizer) or
+also the weights (params) in host memory. What is printed is per GPU.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ OPTIMIZER_BYTES = {  # per trained value: AdamW's two moments
     "adamw4bit": 1 + 2 * 4 / 128,
     "adamw_cpu": 0.0,  # in host memory
 }
-SHARDED = {"single": (), "ddp": (), "zero2": ("grads", "optimizer"),
+SHARDED_PARTS = {"single": (), "ddp": (), "zero2": ("grads", "optimizer"),
            "zero3": ("weights", "trainable", "grads", "optimizer"),
            "fsdp2": ("weights", "trainable", "grads", "optimizer")}
 LOSS_RESERVE_BYTES = 1 << 30  # the chunked loss's logits chunk and a step's workspace (as checkpointing.py)
@@ -175,7 +176,7 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
     found = {"weights": weights, "trainable": trained * value, "grads": grads,
              "optimizer": trained * OPTIMIZER_BYTES[kind], "activations": activations}
     world = max(plan.world_size, 1)
-    for key in SHARDED.get(plan.strategy, ()):
+    for key in SHARDED_PARTS.get(plan.strategy, ()):
         found[key] /= world
     # distributed.offload: the engine keeps AdamW's state (and with `params` the weights, gathered a layer at a
     # time) in host memory

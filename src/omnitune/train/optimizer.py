@@ -178,6 +178,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
     def __init__(self, inner: torch.optim.Optimizer):  # Optimizer.__init__ is not called: nothing of its own
         self.inner = inner
         self.defaults = inner.defaults
+        # train/guard.py's flag: set, never read. A step has updated the weights by the time the flag exists, so
+        # the guard only counts bad steps (the plan says so); taking the flag keeps the guard off the host
+        self.skip_if: torch.Tensor | None = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(index))
                          for index, group in enumerate(inner.param_groups) for p in group["params"]]
 
@@ -191,6 +194,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def step_one(param: torch.Tensor) -> None:
+            # the guard cannot skip a step that has already happened: a non-finite gradient entry becomes 0, so a
+            # bad step leaves the weights finite (the moments still decay) and the guard counts it by the loss
+            param.grad.nan_to_num_(0.0, 0.0, 0.0)
             groups = self.inner.param_groups  # the group is looked up now: loading a checkpoint replaces them
             self.inner.param_groups = [{**groups[index], "params": [param]}]
             try:

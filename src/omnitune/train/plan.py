@@ -219,11 +219,14 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
                           "scaler): set train.precision=bf16")
     fast = recipe.model.experts == "omnitune"
     optimizer, notes = _optimizer(recipe, hw, fast)
+    lora_dtype = recipe.adapter.lora_dtype if recipe.adapter.method != "full" else "float32"
     if strategy in SHARDED and optimizer != "hf_default":
-        # the engines step sharded (FSDP2) or flattened (ZeRO) parameters: torch's AdamW, whose state they shard
+        # the engines step sharded (FSDP2) or flattened (ZeRO) parameters: torch's AdamW, whose state they shard;
+        # over fp32 LoRA (bf16 weights need the low-bit optimizers' fp32 math and stochastic rounding)
         notes.append(f"optimizer: AdamW under {strategy}, which shards its state over the processes (train.optimizer="
-                     f"{t.optimizer} is for one process or ddp); distributed.offload=optimizer moves it to the host")
-        optimizer = "hf_default"
+                     f"{t.optimizer} is for one process or ddp); distributed.offload=optimizer moves it to the host"
+                     + ("; LoRA weights fp32" if lora_dtype == "bfloat16" else ""))
+        optimizer, lora_dtype = "hf_default", "float32"
     cached, cached_why = _encoder_cache(recipe)
     offload_towers = (t.offload_towers and hw.device == "cuda" and not trains_a_tower(recipe) and not cached
                       and strategy not in SHARDED)
@@ -249,7 +252,7 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         objective=objective, hardware=hw, strategy=strategy, precision=t.precision, fast_paths=fast,
         loss="chunked" if fast else "plain",
         optimizer=optimizer, optimizer_in_backward=t.optimizer_in_backward,
-        lora_dtype=recipe.adapter.lora_dtype if recipe.adapter.method != "full" else "float32",
+        lora_dtype=lora_dtype,
         offload_towers=offload_towers, offload_experts=t.offload_experts, offload=recipe.distributed.offload,
         cuda_graphs=graphs, cuda_graphs_why=why, graph_bucket=t.graph_bucket,
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
@@ -266,7 +269,8 @@ def _optimizer(recipe: Recipe, hw: Hardware, fast: bool) -> tuple[str, list[str]
     notes = []
     if t.optimizer_in_backward:
         notes.append("optimizer in backward: gradients are freed as they are produced; no global-norm clipping "
-                     "(train.max_grad_norm unused), and a non-finite step is counted, not skipped")
+                     "(train.max_grad_norm unused); a non-finite gradient entry is zeroed, and such steps are "
+                     "counted, not skipped")
     if t.optimizer == "adamw_cpu" and hw.device != "cuda":
         notes.append("optimizer: adamw_cpu without a CUDA device is AdamW (its state is in host memory already)")
     elif t.optimizer != "adamw":

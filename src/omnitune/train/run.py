@@ -221,7 +221,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
 
         with state.main_process_first():  # one process encodes, the others find its outputs
             train_ds, eval_ds = with_encoder_outputs([train_ds, eval_ds], thinker, plan.hardware.device_str, console)
-    model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
+    adapter = recipe.adapter.model_copy(update={"lora_dtype": plan.lora_dtype})  # the plan may keep LoRA fp32
+    model = build_for_training(thinker, adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
                                report=console.print, offload_experts=plan.offload_experts)
     if plan.encoder_cache and plan.towers_on_host:
         from omnitune.data.encoder_cache import towers_to_host
