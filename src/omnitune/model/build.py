@@ -17,9 +17,10 @@ from omnitune.recipe import AdapterConfig
 
 
 def build_for_training(thinker: nn.Module, adapter: AdapterConfig, fast_paths: bool, device: str,
-                       report: Callable[[str], object] = print) -> nn.Module:
-    """Adapters (LoRA / QLoRA / full) on `thinker`; QLoRA's experts quantized onto `device`; with `fast_paths`
-    the experts and linear LoRA through the fused kernels and, on CUDA, the fused norms, rotary and router."""
+                       report: Callable[[str], object] = print, stack: str = "text") -> nn.Module:
+    """Adapters (LoRA / QLoRA / full) on `thinker` (or the full model, for the Talker); QLoRA's experts quantized
+    onto `device`; with `fast_paths` the experts and linear LoRA through the fused kernels and, on CUDA, the fused
+    norms, rotary and router on the decoder stack that trains (`stack`: "text", the Thinker's; "talker")."""
     model = apply_adapters(thinker, adapter)
     if adapter.method == "qlora":
         before, after = quantize_experts(model, device=device)
@@ -31,7 +32,7 @@ def build_for_training(thinker: nn.Module, adapter: AdapterConfig, fast_paths: b
         if adapter.method != "full":
             report(f"fast LoRA paths: {kernels.enable_fast_lora(model)}")
         if torch.device(device).type == "cuda":
-            text = parts.stack_model(model, "text")  # the decoder stack that trains
+            text = parts.stack_model(model, stack)  # the decoder stack that trains
             kernels.enable_fused_norms(text)
             kernels.enable_fused_rope()
             kernels.enable_fused_router(text)

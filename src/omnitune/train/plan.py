@@ -110,6 +110,8 @@ def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> s
     t, a = recipe.train, recipe.adapter
     if not t.cuda_graphs:
         return "train.cuda_graphs=false"
+    if t.objective != "thinker_lm":
+        return f"train.objective={t.objective} runs eagerly (its sequence length follows the speech)"
     if hw.device != "cuda":
         return "no CUDA device"
     if not fast:
@@ -130,9 +132,10 @@ def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> s
     return None
 
 
-def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str = "thinker_lm") -> TrainingPlan:
+def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str | None = None) -> TrainingPlan:
     """Decide every switch of a run from the recipe and the hardware (module docstring)."""
     hw = hardware or Hardware.detect()
+    objective = objective or recipe.train.objective
     t = recipe.train
     strategy = "ddp" if recipe.distributed.strategy == "ddp" else "single"
     if hw.world_size > 1 and strategy == "single":
@@ -154,4 +157,4 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
         preserve_rng_state=not graphs, packing=recipe.data.packing, micro_batch_tokens=tokens,
-        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe))
+        router_trains=trains_router(recipe) and objective == "thinker_lm", unused_parameters=trains_a_tower(recipe))

@@ -20,13 +20,14 @@ from omnitune.errors import OmnituneError
 from omnitune.model import parts
 from omnitune.model.adapters import check_adapter_config, trainable_summary
 from omnitune.model.build import build_for_training
-from omnitune.model.load import load_processor, load_thinker
+from omnitune.model.load import load_full, load_processor, load_thinker
+from omnitune.model.speakers import add_speakers, save_speakers
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
 from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
 from omnitune.train.guard import NonFiniteGuard
-from omnitune.train.objectives import ThinkerLM
+from omnitune.train.objectives import TalkerCodec, ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
 from omnitune.train.resume import CheckpointError, resumable_checkpoint
 from omnitune.train.trainer import OmniTrainer
@@ -122,6 +123,8 @@ def enable_selective_checkpointing(model: torch.nn.Module, plan: TrainingPlan) -
         "context_fn": selective_checkpoint_context()})
 
 
+FULL_MODEL = "Qwen3OmniMoeForConditionalGeneration"
+
 # Sections a resumed run may change: how long and how it trains and logs, not what it trains on or adapts.
 RESUMABLE_CHANGES = ("train", "log", "name")
 RESUMABLE_KEYS = ("data.workers", "data.cache_dir")  # where and how fast data is prepared, not what it is
@@ -145,12 +148,14 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     """Train as the recipe says; with `resume`, continue from the newest checkpoint of the same run.
 
     `thinker`: a model already built (bench/bench_train.py passes random weights at the real widths, which no
-    checkpoint on disk holds); everything else, from the plan to the optimizer, is what `omnitune train` runs."""
+    checkpoint on disk holds; for train.objective=talker_codec the full model, bench/bench_talker.py); everything
+    else, from the plan to the optimizer, is what `omnitune train` runs."""
     from omnitune.data.cache import load_or_prepare
     from omnitune.data.collate import OmniCollator
 
     plan = make_plan(recipe)
-    check_adapter_config(recipe.adapter, "Qwen3OmniMoeThinkerForConditionalGeneration")
+    speaks = plan.objective == "talker_codec"  # the Talker trains: the full model, the Thinker frozen inside it
+    check_adapter_config(recipe.adapter, FULL_MODEL if speaks else "Qwen3OmniMoeThinkerForConditionalGeneration")
     # joins the process group under torchrun (a no-op for one process); cpu= as the Trainer will ask for it, or
     # accelerate takes a CPU launch for a single process and every process believes it is the main one
     state = PartialState(cpu=plan.hardware.device == "cpu")
@@ -181,9 +186,11 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
         # (~54 GiB for the real Thinker) never have to fit on the card
         on_device = plan.hardware.device == "cuda" and recipe.adapter.method != "qlora"
-        thinker = load_thinker(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
+        load = load_full if speaks else load_thinker
+        thinker = load(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
+    speakers = add_speakers(thinker, dataset_speakers(train_ds), recipe.talker.new_speaker_init) if speaks else {}
     model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
-                               report=console.print)
+                               report=console.print, stack="talker" if speaks else "text")
     enable_selective_checkpointing(model, plan)
     print_summary(model, console)
 
@@ -195,7 +202,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
-    objective = ThinkerLM(router_aux_coef(recipe, thinker), chunked=plan.loss == "chunked")
+    objective = (TalkerCodec(speakers, recipe.talker.speaker, recipe.talker.code_predictor_weight) if speaks else
+                 ThinkerLM(router_aux_coef(recipe, thinker), chunked=plan.loss == "chunked"))
     guard = NonFiniteGuard(recipe.train.nonfinite_patience, args.device, recipe.train.lr, report=console.print)
     trainer = OmniTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, objective=objective, plan=plan,
@@ -224,6 +232,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     eval_loss = final_eval_loss(trainer) if eval_ds is not None else None
     if state.is_main_process:
         save_final(model, processor, run, full=recipe.adapter.method == "full")
+        if speaks:
+            save_speakers(speakers, run.speakers)
     state.wait_for_everyone()
     train_loss = metrics.run_loss() if state.is_main_process else None
     train_loss = out.training_loss if train_loss is None else train_loss
@@ -231,6 +241,11 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
                   "steps)" + (f", eval loss {eval_loss:.4f} (modality-weighted, over the eval set)"
                               if eval_loss is not None else "") + f" -> {run.root}")
     return TrainResult(run, out.global_step, train_loss, eval_loss, plan)
+
+
+def dataset_speakers(dataset) -> list[str]:
+    """The voices a speech dataset names (records without `speaker` speak as talker.speaker)."""
+    return sorted({s["speaker"] for s in (dataset[i] for i in range(len(dataset))) if s.get("speaker")})
 
 
 def final_eval_loss(trainer: OmniTrainer) -> float:
