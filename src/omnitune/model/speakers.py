@@ -19,6 +19,7 @@ from torch import nn
 from omnitune.errors import OmnituneError
 from omnitune.model import parts
 
+
 class SpeakerError(OmnituneError, ValueError):
     """An unknown speaker name, or no row left for a new one."""
 
