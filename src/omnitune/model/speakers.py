@@ -69,14 +69,6 @@ def add_speakers(model: nn.Module, names: list[str], init_from: str | None) -> d
     return table
 
 
-def check_speaker(model: nn.Module, name: str) -> str:
-    """`name` in lower case if the model has that voice, else a SpeakerError listing the voices it has."""
-    table = speaker_ids(model)
-    if name.lower() not in table:
-        raise SpeakerError(f"unknown speaker {name!r}; this model speaks as: {', '.join(sorted(table))}")
-    return name.lower()
-
-
 def save_speakers(table: dict[str, int], path: str | Path) -> None:
     Path(path).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
