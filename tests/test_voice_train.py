@@ -145,3 +145,14 @@ def test_export_writes_the_tuned_talker_and_the_new_speaker(trained, tmp_path):
     before = talker_loss(trained["model"], trained["recipe"], trained["data"], table)
     after = talker_loss(exported, trained["recipe"], trained["data"], table)
     assert torch.allclose(before, after, atol=1e-4), (before, after)
+
+
+def test_eval_speech_reports_the_codec_ce_of_base_and_tuned(trained, tmp_path):
+    from omnitune.eval.runner import evaluate
+
+    report = evaluate(str(trained["result"].run.root), trained["data"], "speech", compare_base=True,
+                      out_dir=tmp_path / "eval")
+    base, tuned = report.results["base"].scores, report.results["tuned"].scores
+    assert tuned["codec_ce"] < 0.5 * base["codec_ce"] and tuned["code_predictor_ce"] < base["code_predictor_ce"]
+    assert base["unknown_speaker_samples"] == 2 and tuned["unknown_speaker_samples"] == 0  # nova is new
+    assert (tmp_path / "eval" / "report.md").read_text().count("codec_ce") == 1

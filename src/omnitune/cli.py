@@ -66,7 +66,9 @@ def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
 @app.command("eval")
 def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or preset) or checkpoint"),
           data: Optional[Path] = typer.Option(None, "--data", help="eval JSONL (default: the recipe's data.eval)"),
-          task: str = typer.Option("free", help="asr | caption | mcq | qa | free"),
+          task: str = typer.Option("free", help="asr | caption | mcq | qa | free | speech (the Talker's codec CE)"),
+          codec: Optional[str] = typer.Option(None, help="task speech: the codec of the target speech "
+                                              "(default: the recipe's talker.codec)"),
           adapter: Optional[Path] = typer.Option(None, help="a run directory or adapter dir to apply"),
           compare: Optional[str] = typer.Option(None, "--compare", help="'base': score the base model too"),
           batch_size: int = typer.Option(8), max_new_tokens: int = typer.Option(256),
@@ -80,7 +82,7 @@ def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or
             raise RecipeError(f"--compare takes 'base', not {compare!r}")
         report = evaluate(source, data, task, adapter=adapter, compare_base=compare == "base",
                           batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out, limit=limit,
-                          on_error=on_error)
+                          on_error=on_error, codec=codec)
     from omnitune.eval.report import scores_table
 
     console.print(scores_table(report))

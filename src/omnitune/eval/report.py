@@ -65,7 +65,7 @@ def scores_table(report: EvalReport):
 
 def _headline(report: EvalReport) -> list[str]:
     scores = next(iter(report.results.values())).scores
-    return [k for k in scores if not k.endswith("samples") and k != "tokens"]
+    return [k for k in scores if not k.endswith("samples") and k not in ("tokens", "frames")]
 
 
 def _fmt(v: float) -> str:
@@ -95,7 +95,7 @@ def markdown(report: EvalReport, images: dict[str, str]) -> str:
             lines += [f"![{name}]({images[name]})", ""]
     if report.bad:
         lines += ["## Records left out", ""] + [f"- `{e.file}:{e.line}`: {e.reason}" for e in report.bad] + [""]
-    if report.task != "free" and report.records:
+    if report.task not in ("free", "speech") and report.records:
         lines += ["## Examples", ""]
         preds = predictions_json(report)["samples"][:EXAMPLES_IN_REPORT]
         for s in preds:

@@ -75,12 +75,13 @@ def tiny_mimi(num_codebooks: int, codebook_size: int, seed: int = 0, sliding_win
                      num_semantic_quantizers=1, upsample_groups=32, num_hidden_layers=1, intermediate_size=64,
                      num_attention_heads=4, num_key_value_heads=4, sliding_window=sliding_window,
                      decoder_config=None)
-    g = torch.Generator().manual_seed(seed)
-    model = MimiModel(cfg)
-    with torch.no_grad():
-        for name, buf in model.quantizer.named_buffers():
-            if name.endswith("embed_sum"):
-                buf.copy_(torch.randn(buf.shape, generator=g))
+    with torch.random.fork_rng(devices=[]):  # the same codec in every process: codes must not depend on who made them
+        torch.manual_seed(seed)
+        model = MimiModel(cfg)
+        with torch.no_grad():
+            for name, buf in model.quantizer.named_buffers():
+                if name.endswith("embed_sum"):
+                    buf.normal_()
     return model.eval()
 
 

@@ -18,7 +18,7 @@ from omnitune.errors import OmnituneError
 from omnitune.model.adapters import load_adapter
 from omnitune.model.load import load_full, load_processor, load_thinker, resolve_model_path
 from omnitune.model.speakers import load_speakers
-from omnitune.recipe import PRESETS, DataConfig, ModelConfig, Recipe, load_recipe
+from omnitune.recipe import PRESETS, DataConfig, ModelConfig, Recipe, TalkerConfig, load_recipe
 from omnitune.run_dir import RunDir
 
 
@@ -40,6 +40,7 @@ class Source:
     nf4_experts: bool = False  # a QLoRA run: generate text with its Thinker as it trained (model/qlora.py)
     trains_talker: bool = False  # a voice run (train.objective=talker_codec): its adapter is the full model's
     speakers: Path | None = None  # a voice run's speaker table (RunDir.speakers): new voices by name
+    talker: TalkerConfig = field(default_factory=TalkerConfig)  # the codec of target speech (eval --task speech)
 
     @property
     def variant(self) -> str:
@@ -92,7 +93,8 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
             processor_dir = run_proc
         if (Path(adapter) / "recipe.yaml").exists():  # a run directory: what it trained decides how it applies
             adapter_run = RunDir(Path(adapter))
-            recipe = recipe.model_copy(update={"train": adapter_run.recipe().train})
+            trained = adapter_run.recipe()
+            recipe = recipe.model_copy(update={"train": trained.train, "talker": trained.talker})
             speakers = adapter_run.speakers if adapter_run.speakers.is_file() else None
     model = recipe.model.model_copy(update={k: v for k, v in (("dtype", dtype), ("variant", variant)) if v})
     # Data paths in a recipe are relative to its file: make them absolute while the recipe still knows where.
@@ -100,7 +102,7 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
                                           for k in ("train", "eval") if getattr(recipe.data, k)})
     return Source(model=model, data=data, weights=weights, processor_dir=processor_dir, label=label,
                   nf4_experts=recipe.adapter.method == "qlora",
-                  trains_talker=recipe.train.objective == "talker_codec", speakers=speakers)
+                  trains_talker=recipe.train.objective == "talker_codec", speakers=speakers, talker=recipe.talker)
 
 
 def load_generation_processor(src: Source):

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
 from omnitune.data.collate import HOST_KEYS
+from omnitune.errors import OmnituneError
 from omnitune.model import parts
 from omnitune.tokens import IGNORE_INDEX
 from omnitune.train.loss import token_losses, weighted_loss
@@ -110,12 +111,25 @@ class TalkerCodec:
         self.code_predictor_weight = code_predictor_weight
 
     def count(self, batch: dict[str, Any]) -> torch.Tensor | int:
-        return int(batch["speech_frames"].sum()) + len(batch["speech_frames"])  # a host tensor from the collator
+        """Codebook-0 targets: every frame and each sample's end of speech (`speech_frames` is a host tensor)."""
+        if "speech_frames" not in batch:
+            return 0  # `sums` says what is wrong
+        return int(batch["speech_frames"].sum()) + len(batch["speech_frames"])
 
     def loss(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
              micro_steps: int = 1) -> torch.Tensor:
+        ce0, ce_cp = self.sums(model, batch)
+        items = num_items if model.training and num_items is not None else self.count(batch)
+        return (ce0 + self.code_predictor_weight * ce_cp) / items
+
+    def sums(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codebook-0 CE summed over the batch's frames and ends of speech, code-predictor CE summed over its
+        frames, each frame's averaged over the codebooks), fp32 (model/talker_inputs.py `talker_losses`)."""
         from omnitune.model.talker_inputs import build_talker_inputs, talker_forward, talker_losses
 
+        if "speech_frames" not in batch:
+            raise OmnituneError("train.objective=talker_codec: a batch without target speech; give each record's "
+                             "last assistant turn its speech as an audio item")
         base = parts.unwrap(model)
         inputs = {k: v for k, v in batch.items() if k not in HOST_KEYS and k not in TALKER_KEYS}
         inputs.pop("labels", None)
@@ -134,10 +148,7 @@ class TalkerCodec:
                                         "use_audio_in_video") if k in inputs}
         if fmask is not None:
             media["audio_feature_lengths"] = fmask.sum(-1)
-        ce0, ce_cp = talker_losses(talker_forward(base.talker, talker_inputs, media), talker_inputs)
-        total = ce0 + self.code_predictor_weight * ce_cp
-        items = num_items if model.training and num_items is not None else self.count(batch)
-        return total / items
+        return talker_losses(talker_forward(base.talker, talker_inputs, media), talker_inputs)
 
     def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int):
         return None  # the Talker's sequence length follows the speech: no fixed shapes to capture
