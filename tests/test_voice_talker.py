@@ -118,3 +118,16 @@ def test_losses_are_the_plain_cross_entropies(generated):
     ref = sum(F.cross_entropy(out.code_logits[:, k], g["codes"][:, k + 1], reduction="sum")
               for k in range(g["codes"].shape[1] - 1)) / (g["codes"].shape[1] - 1)
     assert torch.allclose(ce_cp, ref) and frames > 0
+
+
+def test_generate_codes_speaks_what_generate_speaks(generated):
+    """The Talker driven from our prompt (self-distillation targets) gives generate()'s own codes."""
+    from omnitune.model.talker_inputs import generate_codes, talker_prompt
+
+    g = generated
+    model = g["model"]
+    prompt = talker_prompt(model, g["ids"][0], g["embeds"][0], g["hidden"][0],
+                           model.config.talker_config.speaker_id["ethan"])
+    codes = generate_codes(model, prompt, max_frames=10, audio_feature_lengths=g["audio_lengths"],
+                           repetition_penalty=1.0)
+    assert torch.equal(codes, g["codes"])

@@ -72,59 +72,90 @@ def codec_frame_embeds(talker: nn.Module, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass
+class TalkerPrompt:
+    """One sample's Talker input up to the first frame, and the text it reads while speaking."""
+    embeds: torch.Tensor  # [U + 9, H]: user positions + the assistant prefix
+    talker_ids: torch.Tensor  # [U + 9]
+    trailing: torch.Tensor  # [K, H]: text tokens 2..K then tts_eos, one per frame (then tts_pad)
+    tts_pad: torch.Tensor  # [H]
+
+
+def talker_prompt(model: nn.Module, ids: torch.Tensor, embeds: torch.Tensor, hidden: torch.Tensor,
+                  speaker_id: int) -> TalkerPrompt:
+    """The Talker prompt of one unpadded Thinker row `ids` (ending in the spoken assistant turn, its <|im_end|>
+    optional) from the Thinker's token embeddings and layer-k states of that row. `model`: the full model."""
+    cfg, talker = model.config, model.talker
+    tc = cfg.talker_config
+    media = torch.isin(ids, torch.tensor([cfg.thinker_config.audio_token_id, cfg.thinker_config.image_token_id,
+                                          cfg.thinker_config.video_token_id], device=ids.device))
+    special = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=ids.device)
+    tts_bos, tts_eos, tts_pad = talker.text_projection(
+        model.thinker.get_input_embeddings()(special).to(embeds.dtype)).unbind(0)
+    a, e = last_assistant(ids, cfg.im_start_token_id, cfg.assistant_token_id, cfg.im_end_token_id)
+    if e - a < 4:
+        raise ValueError("the spoken assistant turn has no text")
+    keep = user_mask(ids[:a], cfg.im_start_token_id, cfg.user_token_id)
+    user = torch.where(media[:a, None], talker.hidden_projection(hidden[:a]), talker.text_projection(embeds[:a]))
+    text = talker.text_projection(embeds[a:e])  # <|im_start|>, assistant, \n, t1, t2, ...
+    codec = torch.tensor([tc.codec_nothink_id, tc.codec_think_bos_id, tc.codec_think_eos_id, speaker_id,
+                          tc.codec_pad_id, tc.codec_bos_id], device=ids.device)
+    prefix = torch.cat([text[:3], tts_pad.expand(4, -1), tts_bos[None], text[3:4]])
+    prefix = prefix + torch.cat([torch.zeros_like(text[:3]), talker.get_input_embeddings()(codec)])
+    return TalkerPrompt(torch.cat([user[keep], prefix]),
+                        torch.cat([ids[:a][keep], ids.new_full((PREFIX,), cfg.tts_pad_token_id)]),
+                        torch.cat([text[4:], tts_eos[None]]), tts_pad)
+
+
 def build_talker_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         thinker_embeds: torch.Tensor, thinker_hidden: torch.Tensor, codes: list[torch.Tensor],
                         speaker_ids: list[int]) -> TalkerInputs:
     """The teacher-forced Talker batch for Thinker rows `input_ids` (right-padded) with their token embeddings and
     layer-k states, each row's target `codes` [T, G] and speaker row id. `model`: the full Qwen3-Omni model."""
-    cfg = model.config
-    talker = model.talker
-    mm_ids = torch.tensor([cfg.thinker_config.audio_token_id, cfg.thinker_config.image_token_id,
-                           cfg.thinker_config.video_token_id], device=input_ids.device)
-    special = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id],
-                           device=input_ids.device)
-    tts_bos, tts_eos, tts_pad = talker.text_projection(
-        model.thinker.get_input_embeddings()(special).to(thinker_embeds.dtype)).unbind(0)
-    tc = cfg.talker_config
+    eos = model.config.talker_config.codec_eos_token_id
     rows, ids_rows, labels_rows, frame_rows, frame_pos = [], [], [], [], []
     for b in range(input_ids.shape[0]):
         n = int(attention_mask[b].sum())
-        ids, emb, hid = input_ids[b, :n], thinker_embeds[b, :n], thinker_hidden[b, :n]
-        a, e = last_assistant(ids, cfg.im_start_token_id, cfg.assistant_token_id, cfg.im_end_token_id)
-        if e - a < 4:
-            raise ValueError("the spoken assistant turn has no text")
-        keep = user_mask(ids[:a], cfg.im_start_token_id, cfg.user_token_id)
-        media = torch.isin(ids[:a], mm_ids)
-        user = torch.where(media[:, None], talker.hidden_projection(hid[:a]),
-                           talker.text_projection(emb[:a]))[keep]
-        text = talker.text_projection(emb[a:e])  # <|im_start|>, assistant, \n, t1, t2, ...
-        codec_prefix = torch.tensor([tc.codec_nothink_id, tc.codec_think_bos_id, tc.codec_think_eos_id,
-                                     speaker_ids[b], tc.codec_pad_id, tc.codec_bos_id], device=ids.device)
-        prefix = torch.cat([text[:3], tts_pad.expand(4, -1), tts_bos[None], text[3:4]])
-        prefix = prefix + torch.cat([torch.zeros_like(text[:3]), talker.get_input_embeddings()(codec_prefix)])
-        frames = codes[b].to(ids.device)
+        prompt = talker_prompt(model, input_ids[b, :n], thinker_embeds[b, :n], thinker_hidden[b, :n], speaker_ids[b])
+        frames = codes[b].to(input_ids.device)
         t = frames.shape[0]
-        trailing = torch.cat([text[4:], tts_eos[None], tts_pad.expand(max(0, t - len(text) + 3), -1)])[:t]
-        steps = codec_frame_embeds(talker, frames) + trailing
-        rows.append(torch.cat([user, prefix, steps]))
-        u = user.shape[0]
-        ids_rows.append(torch.cat([ids[:a][keep], ids.new_full((PREFIX + t,), cfg.tts_pad_token_id)]))
-        labels = ids.new_full((u + PREFIX + t,), IGNORE_INDEX)
-        first = u + PREFIX - 1  # (first text token, codec_bos): predicts frame 1's codebook 0
+        trailing = torch.cat([prompt.trailing, prompt.tts_pad.expand(max(0, t - len(prompt.trailing)), -1)])[:t]
+        rows.append(torch.cat([prompt.embeds, codec_frame_embeds(model.talker, frames) + trailing]))
+        ids_rows.append(torch.cat([prompt.talker_ids, input_ids.new_full((t,), model.config.tts_pad_token_id)]))
+        labels = input_ids.new_full((len(rows[-1]),), IGNORE_INDEX)
+        first = len(prompt.embeds) - 1  # (first text token, codec_bos): predicts frame 1's codebook 0
         labels[first:first + t] = frames[:, 0]
-        labels[first + t] = tc.codec_eos_token_id
+        labels[first + t] = eos
         labels_rows.append(labels)
-        frame_rows.append(torch.full((t,), b, device=ids.device))
-        frame_pos.append(torch.arange(first, first + t, device=ids.device))
+        frame_rows.append(torch.full((t,), b, device=input_ids.device))
+        frame_pos.append(torch.arange(first, first + t, device=input_ids.device))
     s = max(len(r) for r in rows)
     embeds = rows[0].new_zeros((len(rows), s, rows[0].shape[-1]))
-    talker_ids = input_ids.new_full((len(rows), s), cfg.tts_pad_token_id)
+    talker_ids = input_ids.new_full((len(rows), s), model.config.tts_pad_token_id)
     mask = attention_mask.new_zeros((len(rows), s))
     labels = input_ids.new_full((len(rows), s), IGNORE_INDEX)
-    for b, (r, i, y) in enumerate(zip(rows, ids_rows, labels_rows)):
+    for b, (r, i, y) in enumerate(zip(rows, ids_rows, labels_rows, strict=True)):
         embeds[b, :len(r)], talker_ids[b, :len(i)], mask[b, :len(r)], labels[b, :len(y)] = r, i, 1, y
     return TalkerInputs(embeds, talker_ids, mask, labels, torch.cat(frame_rows), torch.cat(frame_pos),
                         torch.cat([c.to(input_ids.device) for c in codes]))
+
+
+@torch.no_grad()
+def generate_codes(model: nn.Module, prompt: TalkerPrompt, max_frames: int, audio_feature_lengths=None,
+                   repetition_penalty: float = 1.05) -> torch.Tensor:
+    """[T, G] codes the model's Talker speaks for `prompt`, greedy, as generate() runs it (the special codec ids
+    suppressed, stop at codec_eos)."""
+    tc = model.config.talker_config
+    v = tc.text_config.vocab_size
+    out = model.talker.generate(
+        inputs_embeds=prompt.embeds[None], trailing_text_hidden=prompt.trailing[None],
+        tts_pad_embed=prompt.tts_pad[None, None], talker_input_ids=prompt.talker_ids[None],
+        attention_mask=torch.ones_like(prompt.talker_ids)[None], audio_feature_lengths=audio_feature_lengths,
+        max_new_tokens=max_frames, do_sample=False, eos_token_id=tc.codec_eos_token_id,
+        repetition_penalty=repetition_penalty, output_hidden_states=True, return_dict_in_generate=True,
+        suppress_tokens=[i for i in range(v - 1024, v) if i != tc.codec_eos_token_id])
+    frames = [h[-1] for h in out.hidden_states if h[-1] is not None]
+    return torch.cat(frames) if frames else torch.zeros((0, tc.num_code_groups), dtype=torch.long)
 
 
 @dataclass
