@@ -194,6 +194,14 @@ class TalkerConfig(_Section):
     speaker: str = Field("ethan", description="the voice of records that name no `speaker`")
     new_speaker_init: str | None = Field("ethan", description="a new speaker's embedding row starts as this "
                                          "voice's (null: random)")
+    preserve_speech: bool = Field(False, description="train.objective=thinker_lm: after the Thinker, train a "
+                                  "Talker LoRA on the speech the base model makes for the same answers "
+                                  "(self-distillation), so the tuned Thinker keeps the base voice "
+                                  "(train/speech_preserve.py)")
+    preserve_steps: int = Field(200, gt=0, description="preserve_speech: Talker LoRA steps (one answer each)")
+    preserve_lr: float = Field(1e-4, gt=0)
+    preserve_rank: int = Field(16, gt=0)
+    preserve_samples: int = Field(256, gt=0, description="preserve_speech: answers the base model speaks (per split)")
 
     @field_validator("codec")
     @classmethod
@@ -254,6 +262,10 @@ class Recipe(_Section):
         if self.train.objective == "talker_codec" and self.model.variant != "instruct":
             raise ValueError("train.objective=talker_codec needs model.variant=instruct: only the Instruct "
                              "checkpoint has a Talker")
+        if self.talker.preserve_speech and (self.train.objective != "thinker_lm" or self.model.variant != "instruct"
+                                            or self.adapter.method != "lora"):
+            raise ValueError("talker.preserve_speech needs train.objective=thinker_lm, adapter.method=lora and "
+                             "model.variant=instruct: it keeps the voice of an Instruct Thinker LoRA")
         return self
 
     def resolve(self, path: str | None) -> Path | None:

@@ -41,6 +41,7 @@ class Source:
     trains_talker: bool = False  # a voice run (train.objective=talker_codec): its adapter is the full model's
     speakers: Path | None = None  # a voice run's speaker table (RunDir.speakers): new voices by name
     talker: TalkerConfig = field(default_factory=TalkerConfig)  # the codec of target speech (eval --task speech)
+    talker_weights: Path | None = None  # talker.preserve_speech: the Talker LoRA for the tuned Thinker
 
     @property
     def variant(self) -> str:
@@ -67,7 +68,7 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
                    dtype: str | None = None, variant: str | None = None) -> Source:
     """A run dir, recipe (file, preset or object), or checkpoint (dir, hub id, `tiny`) -> Source."""
     processor_dir = None
-    speakers = None
+    speakers = talker_weights = None
     if isinstance(source, Recipe):
         recipe, weights, label = source, None, source.name
     elif (Path(str(source)) / "recipe.yaml").exists():
@@ -75,6 +76,7 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
         recipe, weights, label = run.recipe(), run.weights(), str(source)
         processor_dir = run.processor if (run.processor / "tokenizer_config.json").exists() else None
         speakers = run.speakers if run.speakers.is_file() else None
+        talker_weights = run.talker_adapter if (run.talker_adapter / "adapter_config.json").is_file() else None
     elif _is_recipe(str(source)):
         recipe, weights, label = load_recipe(str(source)), None, str(source)
     else:
@@ -102,7 +104,8 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
                                           for k in ("train", "eval") if getattr(recipe.data, k)})
     return Source(model=model, data=data, weights=weights, processor_dir=processor_dir, label=label,
                   nf4_experts=recipe.adapter.method == "qlora",
-                  trains_talker=recipe.train.objective == "talker_codec", speakers=speakers, talker=recipe.talker)
+                  trains_talker=recipe.train.objective == "talker_codec", speakers=speakers, talker=recipe.talker,
+                  talker_weights=talker_weights)
 
 
 def load_generation_processor(src: Source):
@@ -165,6 +168,8 @@ def with_trained_weights(full: torch.nn.Module, src: Source, device_map: str | d
         full.thinker = _trained_thinker(src, device_map)
     elif src.weights:
         full.thinker = apply_weights(full.thinker, src, merge=True)
+    if src.talker_weights is not None and getattr(full, "has_talker", False):
+        full = _adapter(full, src.talker_weights).merge_and_unload()  # after the Thinker it was trained with
     return full
 
 

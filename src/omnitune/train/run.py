@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from dataclasses import dataclass
@@ -234,6 +235,14 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         save_final(model, processor, run, full=recipe.adapter.method == "full")
         if speaks:
             save_speakers(speakers, run.speakers)
+        if recipe.talker.preserve_speech:
+            from omnitune.train.speech_preserve import preserve_speech
+
+            del trainer, model, thinker  # the Thinker adapter is on disk: one full model in memory from here
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            preserve_speech(recipe, plan, train_ds, eval_ds, processor, report=console.print)
     state.wait_for_everyone()
     train_loss = metrics.run_loss() if state.is_main_process else None
     train_loss = out.training_loss if train_loss is None else train_loss
