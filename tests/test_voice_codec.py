@@ -60,3 +60,13 @@ def test_missing_codec_weights_say_how_to_fix_it(tmp_path):
 def test_unknown_codec_name_lists_the_choices():
     with pytest.raises(RecipeError, match="talker.codec 'mim' is not one of mimi, qwen3-tts-12hz, tiny"):
         load_recipe("voice", ["talker.codec=mim"])
+
+
+def test_round_trip_scores_rank_a_cleaner_copy_higher():
+    from omnitune.eval.codec_check import mel_distance, si_sdr
+
+    rng = np.random.default_rng(0)
+    slight = WAV + 0.01 * rng.standard_normal(WAV.size).astype(np.float32)
+    heavy = WAV + 0.3 * rng.standard_normal(WAV.size).astype(np.float32)
+    assert mel_distance(WAV, WAV) == 0.0 and mel_distance(WAV, slight) < mel_distance(WAV, heavy)
+    assert si_sdr(WAV, 0.5 * WAV) > 100 and si_sdr(WAV, slight) > si_sdr(WAV, heavy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,16 @@ def test_eval_speech_reports_the_codec_ce_of_base_and_tuned(trained, tmp_path):
     assert tuned["codec_ce"] < 0.5 * base["codec_ce"] and tuned["code_predictor_ce"] < base["code_predictor_ce"]
     assert base["unknown_speaker_samples"] == 2 and tuned["unknown_speaker_samples"] == 0  # nova is new
     assert (tmp_path / "eval" / "report.md").read_text().count("codec_ce") == 1
+
+
+def test_codec_check_picks_the_codec_the_talker_was_trained_with(trained):
+    from omnitune.eval.codec_check import codec_check
+
+    folder = trained["data"].parent
+    rows = codec_check(str(trained["result"].run.root), [folder / "reply0.wav", folder / "reply1.wav"],
+                       ["tiny", "voice_helpers:FrameIndexCodec"],
+                       texts=["The weather is sunny today.", "I like green apples."], speaker="nova")
+    ce = {name: np.mean([r["codec_ce"] for r in rows if r["codec"] == name]) for name in ("tiny",
+                                                                                           "voice_helpers:FrameIndexCodec")}
+    assert ce["tiny"] < 0.5 * ce["voice_helpers:FrameIndexCodec"], ce
+    assert all(np.isnan(r["si_sdr_db"]) for r in rows)  # the tiny Code2Wav makes no 24 kHz audio to compare
