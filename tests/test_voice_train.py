@@ -170,3 +170,20 @@ def test_codec_check_picks_the_codec_the_talker_was_trained_with(trained):
                                                                                            "voice_helpers:FrameIndexCodec")}
     assert ce["tiny"] < 0.5 * ce["voice_helpers:FrameIndexCodec"], ce
     assert all(np.isnan(r["si_sdr_db"]) for r in rows)  # the tiny Code2Wav makes no 24 kHz audio to compare
+
+
+def test_eval_voice_speaks_transcribes_and_says_when_no_speaker_model_is_there(trained, tmp_path):
+    from omnitune.eval.runner import evaluate
+
+    report = evaluate(str(trained["result"].run.root), trained["data"], "voice", compare_base=True,
+                      max_new_tokens=6, out_dir=tmp_path / "eval")
+    for label in ("base", "tuned"):
+        res = report.results[label]
+        assert res.scores["speech_seconds"] > 0
+        assert np.isnan(res.scores["speaker_similarity"])
+        assert any("no speaker-verification model given" in n for n in res.notes)
+        # the tiny Code2Wav upsamples a frame to 8 samples, not 1920: too short to transcribe, and said so
+        assert all(("transcript" in s) != (s["problem"] is not None) for s in res.samples)
+    assert report.results["tuned"].samples[0]["speaker"] == "nova"
+    assert report.results["base"].samples[0]["speaker"] == "ethan"  # the base has no such voice
+    assert "Note: speaker_similarity is NaN" in (tmp_path / "eval" / "report.md").read_text()

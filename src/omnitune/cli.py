@@ -67,7 +67,10 @@ def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
 @app.command("eval")
 def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or preset) or checkpoint"),
           data: Optional[Path] = typer.Option(None, "--data", help="eval JSONL (default: the recipe's data.eval)"),
-          task: str = typer.Option("free", help="asr | caption | mcq | qa | free | speech (the Talker's codec CE)"),
+          task: str = typer.Option("free", help="asr | caption | mcq | qa | free | speech (the Talker's codec CE) | "
+                                   "voice (speak, then WER of the speech and speaker similarity)"),
+          speaker_model: Optional[str] = typer.Option(None, help="task voice: a local SpeechBrain ECAPA model "
+                                                      "folder for speaker similarity"),
           codec: Optional[str] = typer.Option(None, help="task speech: the codec of the target speech "
                                               "(default: the recipe's talker.codec)"),
           adapter: Optional[Path] = typer.Option(None, help="a run directory or adapter dir to apply"),
@@ -83,10 +86,12 @@ def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or
             raise RecipeError(f"--compare takes 'base', not {compare!r}")
         report = evaluate(source, data, task, adapter=adapter, compare_base=compare == "base",
                           batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out, limit=limit,
-                          on_error=on_error, codec=codec)
+                          on_error=on_error, codec=codec, speaker_model=speaker_model)
     from omnitune.eval.report import scores_table
 
     console.print(scores_table(report))
+    for note in sorted({n for res in report.results.values() for n in res.notes}):
+        console.print(f"[yellow]note:[/] {note}")
     for name, path in (report.files or {}).items():
         console.print(f"{name}: {path}")
 

@@ -268,7 +268,7 @@ def mean_of(samples: Iterable[dict], keys: Iterable[str]) -> dict[str, float]:
     return {k: sum(float(s[k]) for s in samples) / max(len(samples), 1) for k in keys}
 
 
-TASKS = ("asr", "caption", "mcq", "qa", "free", "speech")
+TASKS = ("asr", "caption", "mcq", "qa", "free", "speech", "voice")
 
 
 def sample_scores(task: str, prediction: str, reference: str, prompt: str = "") -> dict:

@@ -88,6 +88,8 @@ def markdown(report: EvalReport, images: dict[str, str]) -> str:
             better = (delta > 0) == HIGHER_IS_BETTER.get(k.split("_")[-1], True) if delta else None
             row += f" {delta:+.4f}{'' if better is None else (' (better)' if better else ' (worse)')} |"
         lines.append(row)
+    notes = sorted({n for res in report.results.values() for n in res.notes})
+    lines += [""] + [f"Note: {n}" for n in notes]
     lines += ["", "Speed: " + ", ".join(f"{label} {res.samples_per_s:.2f} samples/s ({res.seconds:.1f} s)"
                                         for label, res in report.results.items()), ""]
     for name in ("training_curves", "scores"):
