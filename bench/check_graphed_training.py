@@ -3,8 +3,10 @@
 Tiny Qwen3-Omni Thinker (real classes) in bf16 on the GPU, LoRA r8 on attention + experts, the omnitune fast
 paths, checkpointing. (1) For padded and packed batches (and padded ones with NF4 experts + the last layer not
 checkpointed), several batches of one bucket shape: loss and LoRA gradients of the graph replay vs
-OmniTrainer.compute_loss + backward. (2) OmniTrainer.train for 6 optimizer steps
-(batch 4, accumulation 2) with graphs on and off: the logged loss curves. Exits non-zero on a mismatch.
+OmniTrainer.compute_loss + backward. (2) Media batches (audio, images, video from the demo data): the graph replay
+on the encoder cache's stored tower outputs with the collator's host layout, against the eager step running the
+towers. (3) OmniTrainer.train for 6 optimizer steps (batch 4, accumulation 2) with graphs on and off: the logged
+loss curves. Exits non-zero on a mismatch.
 Usage (GPU machine): PYTHONPATH=/tmp/pp:src python bench/check_graphed_training.py [--quick]
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.nn.attention import sdpa_kernel
 from transformers import TrainingArguments
 
 import omnitune.kernels as K
-from omnitune.data.collate import OmniCollator
+from omnitune.data.collate import OmniCollator, to_device
 from omnitune.train.checkpointing import keep_activations
 from omnitune.model.adapters import apply_adapters
 from omnitune.model.qlora import quantize_experts
@@ -33,6 +35,7 @@ from omnitune.train.trainer import OmniTrainer
 WEIGHTS = {"text": 1.0, "audio": 0.8, "vision": 0.9}
 GPU = torch.cuda.is_available()  # on CPU: a dry run of the code (no graphs, the step runs eagerly)
 DEV = "cuda" if GPU else "cpu"
+DTYPE = torch.bfloat16 if GPU else torch.float32
 
 
 def make_model(qlora: bool = False):
@@ -110,6 +113,48 @@ def check_step(model, packing: bool, batch_size: int) -> float:
     return worst
 
 
+def check_media(model) -> float:
+    """Graph replays of media batches (stored tower outputs, host layout) against the eager step with the towers."""
+    from omnitune.data.cache import prepare_split
+    from omnitune.data.encoder_cache import with_encoder_outputs
+    from omnitune.data.synthetic import make_demo_dataset
+    from omnitune.model.load import load_processor
+    from omnitune.train.host_layout import HostLayout
+
+    folder = tempfile.mkdtemp()
+    train_file, _ = make_demo_dataset(folder, n_train=16, n_eval=1, seed=11)
+    recipe = load_recipe("demo", [f"data.train={train_file}", f"output_dir={folder}/run", "data.workers=1"])
+    raw = prepare_split(recipe, load_processor(recipe.model), train_file)
+    (cached,) = with_encoder_outputs([raw], model, DEV)
+    thinker = model.get_base_model()
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    step = GraphedTrainStep(thinker, list(params), bucket=512)
+    plain, layout = OmniCollator(0, WEIGHTS), OmniCollator(0, WEIGHTS, layout=HostLayout(step.backbone))
+    worst = 0.0
+    for trial in range(4):
+        rows = list(range(4 * trial, 4 * trial + 4))
+        batch = to_device(layout([cached[i] for i in rows]), torch.device(DEV), DTYPE)
+        assert step.eager_reason(batch) is None or not GPU
+        model.zero_grad(set_to_none=True)
+        b = dict(batch)
+        loss_g = step(b, b.pop("position_ids", None), None).clone()
+        g_g = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        with sdpa_kernel(step.sdpa_backends):
+            loss_e = ThinkerLM().loss(model, to_device(plain([raw[i] for i in rows]), torch.device(DEV), DTYPE), None)
+            loss_e.backward()
+        g_e = [p.grad.clone() for p in params]
+        errs = [rel(a, b) for a, b in zip(g_g, g_e)]
+        worst_i = max(range(len(errs)), key=errs.__getitem__)
+        worst = max(worst, rel(loss_g, loss_e), errs[worst_i])
+        mods = sorted({m for i in rows for m in raw[i]["modalities"]})
+        print(f"media batch {trial} ({', '.join(mods)}): loss eager {loss_e.item():.5f} graph {loss_g.item():.5f}, "
+              f"worst grad rel err {errs[worst_i]:.2e} ({names[worst_i]})", flush=True)
+    print(f"media: graphs {len(step.graphs.graphs)}, eager fallbacks {step.graphs.eager_calls}")
+    assert not GPU or step.graphs.eager_calls == 0
+    return worst
+
+
 def train_curve(graphs: bool) -> tuple[list[float], int]:
     model = make_model()
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=6, per_device_train_batch_size=4,
@@ -143,6 +188,14 @@ def main() -> int:
             failed += 1
             print(f"FAILED packing={packing} B={batch_size} qlora={qlora}:\n{traceback.format_exc()[-6000:]}",
                   flush=True)
+    print("== media batches", flush=True)
+    try:
+        worst = max(worst, check_media(make_model()))
+    except Exception:
+        import traceback
+
+        failed += 1
+        print(f"FAILED media batches:\n{traceback.format_exc()[-6000:]}", flush=True)
     if quick:
         print(f"worst step rel err {worst:.2e}: {'OK' if not failed and worst < 3e-2 else 'MISMATCH'}")
         return int(bool(failed) or worst >= 3e-2)

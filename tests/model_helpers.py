@@ -2,6 +2,7 @@
 run-directory readers, and what tests need that src must not carry (random LoRA factors)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -85,6 +86,25 @@ def randomize_lora(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> 
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@contextlib.contextmanager
+def interrupted_at(step: int):
+    """Within: training raises KeyboardInterrupt (a user's Ctrl-C) as optimizer step `step` + 1 begins."""
+    from omnitune.train.trainer import OmniTrainer
+
+    original = OmniTrainer.training_step
+
+    def interrupt(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    OmniTrainer.training_step = interrupt
+    try:
+        yield
+    finally:
+        OmniTrainer.training_step = original
 
 
 def logged_losses(run_dir: Path) -> list[tuple[int, float]]:

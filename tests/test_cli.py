@@ -24,6 +24,12 @@ def test_prepare_a_preset_from_any_directory_with_show_and_dump(train_file, tmp_
                               "--show", "1", "--dump", "dump.jsonl"])
     assert res.exit_code == 0, res.output
     assert "6 kept, 0 skipped" in res.output
+    assert "encoded the media" not in res.output  # demo trains the projector and merger: no encoder cache
+    frozen = ["prepare", "demo", "--set", f"data.train={train_file}", "--set", "data.workers=1",
+              "--set", "adapter.train=[]"]
+    first, again = runner.invoke(app, frozen), runner.invoke(app, frozen)
+    assert "encoded the media of 6 samples once" in first.output, first.output  # the towers ran here, once
+    assert again.exit_code == 0 and "encoded the media" not in again.output, again.output
     rows = [json.loads(x) for x in (tmp_path / "dump.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"line", "input_ids", "labels"} <= set(rows[0])
     assert any(t != -100 for t in rows[0]["labels"])

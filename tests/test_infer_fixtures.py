@@ -66,13 +66,13 @@ def demo_recipe(name: str, method: str = "lora"):
 
 
 @functools.lru_cache(maxsize=None)
-def lora_run() -> Path:
+def lora_run(name: str = "lora-run", seed: int = 0) -> Path:
     """A run dir whose adapter (attention + experts + audio projector) has non-zero LoRA B: it changes logits."""
-    recipe = demo_recipe("lora-run")
+    recipe = demo_recipe(name)
     run = RunDir(recipe.out)
     run.save_recipe(recipe)
     model = apply_adapters(load_thinker(recipe.model), recipe.adapter)
-    randomize_lora(model, std=0.05)
+    randomize_lora(model, std=0.05, seed=seed)
     with torch.no_grad():  # the unfrozen audio projector is saved whole (modules_to_save): change it too
         for n, p in model.named_parameters():
             if "modules_to_save" in n:

@@ -8,7 +8,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "omnitune"
 # lower ranks are imported by higher ones, never the other way; same rank: within a package only
 RANKS = {"errors": 0, "tokens": 0, "transfer": 0, "atomic": 0, "recipe": 1, "run_dir": 2, "kernels": 2, "model": 3, "data": 4, "train": 5,
-         "infer": 6, "export": 6, "eval": 7, "demo": 8, "cli": 9, "__main__": 10, "__init__": 0}
+         "infer": 6, "export": 6, "eval": 7, "serve": 7, "demo": 8, "cli": 9, "__main__": 10, "__init__": 0}
 
 
 def modules() -> dict[str, Path]:

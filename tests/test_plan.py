@@ -14,9 +14,15 @@ def plan(*overrides, hardware=H200):
 
 def test_the_presets_on_a_gpu_take_the_fast_path_with_graphs():
     p = plan()
-    assert p.cuda_graphs and p.fast_paths and p.loss == "chunked" and p.optimizer == "multi_tensor_adamw"
+    assert p.cuda_graphs and p.fast_paths and p.loss == "chunked" and p.optimizer == "adamw8bit"
+    assert p.lora_dtype == "bfloat16" and p.towers_on_host and not p.optimizer_in_backward  # memory (issue 21)
+    # the towers stay on the host one way: never needed (stored outputs), else streamed in for media batches
+    assert p.encoder_cache and not p.offload_towers
+    assert plan("data.encoder_cache=false").offload_towers
+    fp32 = plan("adapter.lora_dtype=float32", "train.optimizer=adamw")
+    assert fp32.optimizer == "multi_tensor_adamw" and fp32.cuda_graphs
     assert not p.preserve_rng_state and p.micro_batch_tokens == 4096 and p.strategy == "single"
-    assert "images or video run eagerly" in p.cuda_graphs_why
+    assert "text and media batches alike" in p.cuda_graphs_why
 
 
 @pytest.mark.parametrize("overrides, why", [
@@ -34,13 +40,13 @@ def test_cuda_graphs_off_says_why(overrides, why):
 
 
 def test_grouped_mm_is_the_plain_transformers_peft_path():
-    p = plan("model.experts=grouped_mm")
+    p = plan("model.experts=grouped_mm", "adapter.lora_dtype=float32", "train.optimizer=adamw")
     assert (p.fast_paths, p.loss, p.optimizer, p.cuda_graphs) == (False, "plain", "hf_default", False)
     assert "plain transformers + PEFT path" in p.cuda_graphs_why
 
 
 def test_cpu_and_multi_process_launches():
-    cpu = plan(hardware=Hardware("cpu", "cpu", None))
+    cpu = plan("adapter.lora_dtype=float32", "train.optimizer=adamw", hardware=Hardware("cpu", "cpu", None))
     assert not cpu.cuda_graphs and cpu.optimizer == "hf_default" and cpu.cuda_graphs_why == "no CUDA device"
     with pytest.raises(RecipeError, match="distributed.strategy=ddp"):
         plan(hardware=Hardware("cuda", "H200", 1, world_size=2))

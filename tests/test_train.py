@@ -11,7 +11,7 @@ from omnitune.train.loss import token_losses, weighted_loss
 from omnitune.train.objectives import ThinkerLM
 from omnitune.train.run import router_aux_coef, train
 from omnitune.train.trainer import OmniTrainer
-from model_helpers import logged_losses
+from model_helpers import interrupted_at, logged_losses
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +77,15 @@ def test_router_balance_loss_is_added_to_the_training_loss(tiny_dir, tmp_path):
     torch.testing.assert_close(with_aux - plain, 0.5 * out.aux_loss, rtol=1e-4, atol=1e-6)
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_loss_curve(demo_data, tmp_path, monkeypatch):
+def test_resume_after_interruption_reproduces_the_uninterrupted_loss_curve(demo_data, tmp_path):
     full = train(small_recipe(demo_data, tmp_path / "full"))
     assert full.global_step == 6
     reference = logged_losses(tmp_path / "full")
     assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
 
-    original = OmniTrainer.training_step
-
-    def interrupt_at_step_4(self, *args, **kwargs):
-        if self.state.global_step == 4:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(OmniTrainer, "training_step", interrupt_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(4), pytest.raises(KeyboardInterrupt):
         train(small_recipe(demo_data, tmp_path / "cut"))
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["checkpoint-3"]
-    monkeypatch.setattr(OmniTrainer, "training_step", original)
 
     with pytest.raises(FileExistsError, match="--resume"):
         train(small_recipe(demo_data, tmp_path / "cut"))

@@ -46,20 +46,36 @@ def user_errors():
 def prepare(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
             show: int = typer.Option(0, help="print the first N rendered samples with trained spans marked"),
             dump: Optional[Path] = typer.Option(None, help="write {line, input_ids, labels} per kept record")):
-    """Validate every record, decode media once, cache processed features, print statistics."""
+    """Validate every record, decode media once, cache processed features (and the frozen towers' outputs), print
+    statistics."""
+    from omnitune.data.encoder_cache import encode_at_prepare
     from omnitune.data.prepare import run_prepare
     from omnitune.model.load import load_processor
+    from omnitune.train.plan import make_plan
     r = _recipe(recipe, set_)
     with user_errors():
-        run_prepare(r, load_processor(r.model), show=show, dump=dump, console=console)
+        done = run_prepare(r, load_processor(r.model), show=show, dump=dump, console=console)
+        plan = make_plan(r)
+        if plan.encoder_cache:  # the frozen towers run once, here
+            encode_at_prepare(r, [done["train_cache"], done["eval_cache"]], plan.hardware.device_str, console)
 
 
 @app.command()
 def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint")):
+          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint"),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="processes (GPUs) per machine: runs under torchrun "
+                                    "with distributed.strategy (docs/scaleout.md)"),
+          nnodes: int = typer.Option(1, "--nnodes", min=1, help="machines, each running this same command"),
+          rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint",
+                                                      help="HOST:PORT every machine reaches (with --nnodes)")):
     """Train (LoRA or full) as the recipe says; writes the run directory (output_dir)."""
-    from omnitune.train.run import train as run_train
     r = _recipe(recipe, set_)
+    if nproc > 1 or nnodes > 1:
+        from omnitune.train.distributed_launch import launch
+        with user_errors():
+            code = launch(r, recipe, set_ or [], resume, nproc, nnodes, rdzv_endpoint)
+        raise typer.Exit(code)
+    from omnitune.train.run import train as run_train
     with user_errors():
         run_train(r, resume=resume, console=console)
 
@@ -113,21 +129,29 @@ def infer(source: str = typer.Argument(..., help="run directory, recipe (file or
           use_audio_in_video: Optional[bool] = typer.Option(None, "--use-audio-in-video/--no-audio-in-video"),
           max_new_tokens: int = typer.Option(512)):
     """Answer one conversation: text streamed to the terminal, speech written as a 24 kHz wav."""
-    from omnitune.infer import Inferencer, build_conversation, read_conversation
+    import time
+
+    from omnitune.infer import Inferencer, WavWriter, build_conversation, read_conversation
     with user_errors():
         if conversation is not None:
             turns, base = read_conversation(conversation)
         else:
             turns, base = build_conversation(text, audio or [], image or [], video or [], system), None
         inf = Inferencer(source, adapter=adapter, speech=speech)
-        out = inf.generate(turns, speaker=speaker, stream=lambda piece: print(piece, end="", flush=True),
-                           show_thinking=show_thinking, max_new_tokens=max_new_tokens,
-                           use_audio_in_video=use_audio_in_video, base_dir=base)
+        speaking = WavWriter(wav)  # the wav grows as the Talker speaks
+        start = time.perf_counter()
+        try:
+            out = inf.generate(turns, speaker=speaker, stream=lambda piece: print(piece, end="", flush=True),
+                               show_thinking=show_thinking, max_new_tokens=max_new_tokens,
+                               use_audio_in_video=use_audio_in_video, base_dir=base, on_audio=speaking.write)
+        finally:
+            speaking.close()
     print()
     for warning in out.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
-    if out.audio is not None:
-        console.print(f"speech: {out.save_wav(wav)} ({len(out.audio) / out.sample_rate:.1f} s)")
+    if speaking.first_at is not None:
+        console.print(f"speech: {wav} ({speaking.samples / out.sample_rate:.1f} s; first audio after "
+                      f"{speaking.first_at - start:.2f} s, last after {time.perf_counter() - start:.2f} s)")
 
 
 @app.command()
@@ -176,6 +200,36 @@ def codec_check(audio: list[Path] = typer.Argument(..., help="speech files (any 
         console.print(f"lowest mean codec CE: [bold]{name}[/bold] (set talker.codec={name})")
     if not text:
         console.print("[dim]no --text: CEs are conditioned on a neutral sentence (comparable between codecs only)[/]")
+
+
+@app.command()
+def serve(source: str = typer.Argument(..., help="run directory, recipe (file or preset) or checkpoint"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+          port: int = typer.Option(8000),
+          adapter: Optional[list[str]] = typer.Option(None, "--adapter",
+                                                      help="NAME=RUN_DIR: another run's LoRA over the same base, "
+                                                           "served as model NAME (repeatable)"),
+          name: Optional[str] = typer.Option(None, help="the model id SOURCE is served as (default: its name)"),
+          speech: Optional[bool] = typer.Option(None, "--speech/--no-speech",
+                                                help="load the Talker (default: when the checkpoint has one)"),
+          api_key: Optional[str] = typer.Option(None, envvar="OMNITUNE_API_KEY",
+                                                help="require 'Authorization: Bearer KEY'"),
+          allow_media_dir: Optional[list[Path]] = typer.Option(
+              None, "--allow-media-dir", help="a folder whose files requests may name by path (repeatable)"),
+          max_new_tokens: int = typer.Option(2048, help="the most tokens a request may ask for"),
+          max_speech_tokens: int = typer.Option(4096, help="the most Talker frames (12.5/s) a spoken reply lasts"),
+          max_prompt_tokens: int = typer.Option(32768, help="longer prompts are refused"),
+          max_request_mb: int = typer.Option(64, help="larger request bodies are refused"),
+          max_queue: int = typer.Option(64, help="requests waiting beyond this are answered 429")):
+    """An OpenAI-compatible server: /v1/chat/completions (text, image, audio, video in; text and speech out,
+    streamed) and /v1/models."""
+    from omnitune.serve import ServeOptions, serve as run_server
+    opts = ServeOptions(source, adapters=tuple(adapter or ()), name=name, speech=speech, api_key=api_key,
+                        allowed_media_dirs=tuple(allow_media_dir or ()), max_new_tokens=max_new_tokens,
+                        max_speech_tokens=max_speech_tokens, max_prompt_tokens=max_prompt_tokens,
+                        max_request_mb=max_request_mb, max_queue=max_queue)
+    with user_errors():
+        run_server(opts, host=host, port=port, announce=console.print)
 
 
 @app.command()

@@ -55,6 +55,12 @@ class DataConfig(_Section):
                                    "data file's folder")
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
+    encoder_cache: bool | None = Field(None, description="run the frozen audio/vision towers once before training "
+                                       "and train on their stored outputs (data/encoder_cache.py); default: on "
+                                       "when the towers, projector and merger are all frozen")
+    group_by_length: bool | None = Field(None, description="batches of samples of similar length (HF's length-grouped "
+                                         "sampler: random mega-batches of 50 batches, sorted by length), so padding "
+                                         "stays low; default: on for padded batches of more than one sample")
     packing: bool = Field(False, description="padding-free packing: each batch of train.batch_size samples "
                           "becomes ONE row of their unpadded tokens (batch size = samples per packed row), "
                           "attention masked per sample, M-RoPE positions per sample")
@@ -86,6 +92,10 @@ class AdapterConfig(_Section):
                              "(saved with it), or inside a frozen part under method=full (e.g. audio_projector)")
     freeze: list[str] = Field(default_factory=lambda: ["audio_tower", "vision_tower"],
                               description="method=full: parts kept frozen (under LoRA every base weight is)")
+    lora_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the LoRA weights (and so of their gradients): bfloat16 halves both; the "
+        "optimizer then does its math in fp32 and rounds stochastically (train.optimizer adamw8bit / adamw4bit); "
+        "method=full trains in model.dtype")
 
     @model_validator(mode="before")
     @classmethod
@@ -152,6 +162,21 @@ class TrainConfig(_Section):
                               "tokens, so a run captures few graphs")
     nonfinite_patience: int = Field(3, gt=0, description="stop after this many optimizer steps in a row whose loss "
                                     "or gradients were not finite (each is skipped, the weights left as they were)")
+    optimizer: Literal["adamw", "adamw8bit", "adamw4bit", "adamw_cpu"] = Field(
+        "adamw", description="adamw: fp32 moments on the GPU (8 bytes per trained value); adamw8bit / adamw4bit: "
+        "torchao's block-quantized moments (2 / 1 bytes); adamw_cpu: moments and the step in host memory "
+        "(torchao's CPUOffloadOptimizer, CUDA only)")
+    optimizer_in_backward: bool = Field(
+        False, description="step each trained tensor as soon as its gradient is complete, inside the backward, and "
+        "free the gradient then (needs grad_accum=1; no global-norm clipping, no CUDA graphs, one process)")
+    offload_towers: bool = Field(
+        False, description="keep the frozen audio/vision towers in host memory, brought to the GPU only for a batch "
+        "that has their modality (accelerate's cpu_offload): ~2 GiB less on the GPU for text-only data")
+    offload_experts: bool = Field(
+        False, description="adapter.method=qlora: the frozen NF4 experts in pinned host memory, each layer's copied "
+        "to the GPU one layer ahead of its use (model/qlora.py): ~15 GiB less on the GPU, ~30 GiB of copies a step")
+    check_memory: bool = Field(True, description="refuse, before loading weights, a run whose memory estimate "
+                               "(train/memory.py, printed at the start) exceeds the GPU; false: try anyway")
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
@@ -165,14 +190,41 @@ class TrainConfig(_Section):
         if self.uncheckpointed_layers not in (0, "auto") and not self.gradient_checkpointing:
             raise ValueError("train.uncheckpointed_layers needs train.gradient_checkpointing=true (without "
                              "checkpointing every layer keeps its activations already)")
+        if self.optimizer_in_backward and self.grad_accum > 1:
+            raise ValueError(f"train.optimizer_in_backward steps during each backward, so gradients cannot "
+                             f"accumulate: set train.grad_accum=1 (got {self.grad_accum}) or the option off")
+        if self.optimizer_in_backward and self.optimizer == "adamw_cpu":
+            raise ValueError("train.optimizer=adamw_cpu already overlaps its host step with the backward: set "
+                             "train.optimizer_in_backward=false")
         return self
 
 
 class DistributedConfig(_Section):
-    """How a multi-process launch (torchrun) trains: data parallel copies of the model, one per GPU."""
-    strategy: Literal["none", "ddp"] = Field(
-        "none", description="ddp: launch with torchrun, one process per GPU, each holding the whole model "
-        "(gradients all-reduced); FSDP / DeepSpeed sharding is not supported yet")
+    """How a multi-process launch (`omnitune train --nproc N`, or torchrun) trains (docs/scaleout.md)."""
+    strategy: Literal["none", "ddp", "fsdp2", "zero2", "zero3"] = Field(
+        "none", description="ddp: every process holds the whole model, gradients all-reduced; fsdp2: PyTorch "
+        "FSDP2, parameters, gradients and optimizer state sharded per decoder layer and tower; zero2: DeepSpeed "
+        "ZeRO-2 (gradients and optimizer state sharded); zero3: DeepSpeed ZeRO-3 (parameters too)")
+    offload: Literal["none", "optimizer", "params"] = Field(
+        "none", description="to host memory: optimizer (zero2, zero3: optimizer state and its step on the CPU), "
+        "params (zero3: parameters too; fsdp2: parameters, gradients and optimizer state)")
+    deepspeed_config: str | None = Field(
+        None, description="zero2/zero3: your own DeepSpeed JSON instead of the one made from the recipe "
+        "(batch size, accumulation, clipping and precision set to 'auto' are filled in from train.*)")
+
+    @model_validator(mode="after")
+    def _engine_supports(self) -> DistributedConfig:
+        if self.offload != "none" and self.strategy in ("none", "ddp"):
+            raise ValueError(f"distributed.offload={self.offload} needs a sharded strategy (fsdp2, zero2, zero3)")
+        if self.offload == "params" and self.strategy == "zero2":
+            raise ValueError("distributed.offload=params needs zero3 (ZeRO-2 does not shard parameters); "
+                             "use offload=optimizer")
+        if self.offload == "optimizer" and self.strategy == "fsdp2":
+            raise ValueError("distributed.offload=optimizer: FSDP2 offloads parameters, gradients and optimizer "
+                             "state together; use offload=params")
+        if self.deepspeed_config is not None and self.strategy not in ("zero2", "zero3"):
+            raise ValueError("distributed.deepspeed_config needs distributed.strategy zero2 or zero3")
+        return self
 
 
 CODECS = ("mimi", "qwen3-tts-12hz", "tiny")
@@ -248,6 +300,22 @@ class Recipe(_Section):
     def _media_roots_are_absolute(self) -> "Recipe":
         # Relative to the recipe file, like data paths; kept absolute so RUN/recipe.yaml means the same anywhere.
         self.data.media_roots = [str(self.resolve(r)) for r in self.data.media_roots]
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_lora_needs_fp32_optimizer_math(self) -> "Recipe":
+        if (self.adapter.method != "full" and self.adapter.lora_dtype == "bfloat16"
+                and self.train.optimizer not in ("adamw8bit", "adamw4bit")):
+            raise ValueError(f"adapter.lora_dtype=bfloat16 needs train.optimizer adamw8bit or adamw4bit (fp32 math, "
+                             f"stochastic rounding into bf16); {self.train.optimizer} would lose updates smaller "
+                             "than a bf16 step")
+        return self
+
+    @model_validator(mode="after")
+    def _offloaded_experts_are_nf4(self) -> "Recipe":
+        if self.train.offload_experts and self.adapter.method != "qlora":
+            raise ValueError("train.offload_experts streams the NF4 experts of adapter.method=qlora; set "
+                             f"adapter.method=qlora (got {self.adapter.method})")
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ again with a one-line notice. The cost (data/digest.py): 0.12 s per 225 MiB shar
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ import torch
 from rich.markup import escape
 
 from omnitune.data.digest import file_digest, file_digests, json_digest
+from omnitune.data.encoder_cache import TOWER_INPUTS
 from omnitune.data.pixels import pack_pixels, pixel_norms, unpack_pixels
 from omnitune.data.render import render
 from omnitune.data.schema import Record, RecordError, read_records
@@ -43,38 +45,58 @@ CACHE_VERSION = 3
 SHARD_BYTES = 256 << 20
 # Rendered in the main process before worker processes are started (see _render_all).
 INLINE_SECONDS = 5.0
-_KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir", "packing")  # packing: collator only
+# packing, group_by_length: the collator's and the sampler's; encoder_cache: stored beside the tokens under its own
+# key (data/encoder_cache.py)
+_KEY_EXCLUDES = ("train", "eval", "eval_fraction", "workers", "cache_dir", "packing", "encoder_cache",
+                 "group_by_length")
 
 
 class CachedDataset(torch.utils.data.Dataset):
     """Rendered samples of one prepared file (or a subset of them), memory-mapped from the cache shards."""
 
-    def __init__(self, directory: str | Path, indices: list[int] | None = None):
+    def __init__(self, directory: str | Path, indices: list[int] | None = None, encoded: str | Path | None = None):
         self.dir = Path(directory)
         self.manifest = json.loads((self.dir / "manifest.json").read_text())
-        self._shards = [torch.load(self.dir / s["file"], mmap=True, weights_only=True)
-                        for s in self.manifest["shards"]]
+        self._shards = _open_shards(self.dir, self.manifest)
         self._where = [(si, j) for si, s in enumerate(self._shards) for j in range(len(s))]
         self.indices = list(range(len(self._where))) if indices is None else list(indices)
+        self.encoded = None if encoded is None else Path(encoded)
+        self._encoded = None  # the stored tower outputs' shards, in sample order (data/encoder_cache.py)
+        if self.encoded is not None:
+            shards = _open_shards(self.encoded, json.loads((self.encoded / "manifest.json").read_text()))
+            self._encoded = [x for shard in shards for x in shard]
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getstate__(self):  # DataLoader workers reopen the memory maps instead of receiving copies
-        return {"dir": self.dir, "indices": self.indices}
+        return {"dir": self.dir, "indices": self.indices, "encoded": self.encoded}
 
     def __setstate__(self, state):
-        self.__init__(state["dir"], state["indices"])
+        self.__init__(state["dir"], state["indices"], state.get("encoded"))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        si, j = self._where[self.indices[i]]
-        return unpack_pixels(self._shards[si][j])
+        k = self.indices[i]
+        si, j = self._where[k]
+        sample = self._shards[si][j]
+        if self._encoded is None:
+            return unpack_pixels(sample)
+        # the towers' stored outputs in place of their inputs (data/encoder_cache.py)
+        return {**{key: v for key, v in sample.items() if key not in TOWER_INPUTS}, **self._encoded[k]}
 
     def subset(self, indices: list[int]) -> "CachedDataset":
-        sub = CachedDataset.__new__(CachedDataset)
-        sub.dir, sub.manifest, sub._shards, sub._where = self.dir, self.manifest, self._shards, self._where
+        sub = copy.copy(self)
         sub.indices = [self.indices[i] for i in indices]
         return sub
+
+    def with_encoded(self, folder: str | Path) -> "CachedDataset":
+        """These samples with the towers' stored outputs (a folder `encoder_cache.encode_dataset` wrote)."""
+        return CachedDataset(self.dir, self.indices, folder)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The token count of each sample (from the manifest: no sample is read)."""
+        return [self.manifest["lengths"][k] for k in self.indices]
 
     @property
     def lines(self) -> list[int]:
@@ -138,6 +160,10 @@ def cache_key(recipe: Recipe, path: Path, records: list[Record | RecordError], p
     return h.hexdigest()[:20]
 
 
+def _open_shards(directory: Path, manifest: dict) -> list[list[dict[str, Any]]]:
+    return [torch.load(directory / s["file"], mmap=True, weights_only=True) for s in manifest["shards"]]
+
+
 def cache_problem(directory: Path, key: str) -> str | None:
     """Why `directory` is not a complete, intact cache of `key`, or None when it is one; no shard is unpickled."""
     try:
@@ -172,7 +198,7 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
     records = list(read_records(path, recipe.model.variant, media_roots(recipe, path)))
     root = cache_root(recipe)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(root)
+    remove_orphans(root)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{path.stem}-", dir=root))
     try:
         proc_hash = save_processor(processor, work / "processor")
@@ -186,9 +212,10 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
             return CachedDataset(final)
         if final.exists():
             console.print(f"[yellow]{escape(str(final))}: {escape(problem)}; preparing it again[/yellow]")
-        writer = _ShardWriter(work / "out")
+        writer = ShardWriter(work / "out")
         skipped = _render_all(recipe.data, processor, work / "processor", records, path, console, writer, speech)
-        writer.finish(skipped, key, path)
+        writer.finish(key, path, skipped=skipped,
+                      **{k: writer.meta.get(k, []) for k in ("lines", "lengths", "trained", "modalities")})
         if final.exists():  # an invalid leftover (or another run's): never trusted, replace it
             shutil.rmtree(final, ignore_errors=True)
         try:
@@ -201,7 +228,7 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
     return CachedDataset(final)
 
 
-def _remove_orphans(root: Path) -> None:
+def remove_orphans(root: Path) -> None:
     """Delete temporary directories left by prepare runs that were killed (their process is gone)."""
     for d in root.glob(".tmp-*"):
         try:
@@ -213,7 +240,7 @@ def _remove_orphans(root: Path) -> None:
 
 
 def _render_all(data: DataConfig, processor, processor_dir: Path, records: list, path: Path, console,
-                writer: "_ShardWriter", speech: SpeechTargets | None = None) -> list[str]:
+                writer: "ShardWriter", speech: SpeechTargets | None = None) -> list[str]:
     """Render valid records (in worker processes when worth it) into `writer` in file order; return the skipped.
     `speech`: adds each record's target speech codes (here, in this process: the codec is loaded once)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -250,7 +277,8 @@ def _render_all(data: DataConfig, processor, processor_dir: Path, records: list,
             if isinstance(r, RecordError):
                 bad(r)
             else:
-                writer.add(todo[written].line, r)
+                writer.add(r, lines=todo[written].line, lengths=len(r["input_ids"]),
+                           trained=int((r["labels"] != IGNORE_INDEX).sum()), modalities=r["modalities"])
             written += 1
 
     workers = resolve_workers(data, len(todo))
@@ -331,8 +359,9 @@ def _worker_render(i: int, record: Record):
     return i, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}, None
 
 
-class _ShardWriter:
-    """Writes samples into ~SHARD_BYTES torch shards as they come, then the manifest, last."""
+class ShardWriter:
+    """Writes samples into ~SHARD_BYTES torch shards as they come, then the manifest, last (the token cache here,
+    the towers' outputs in data/encoder_cache.py)."""
 
     def __init__(self, out: Path):
         self.out = out
@@ -340,15 +369,13 @@ class _ShardWriter:
         self.shards: list[dict] = []
         self.current: list[dict] = []
         self.size = 0
-        self.meta: dict[str, list] = {"lines": [], "lengths": [], "trained": [], "modalities": []}
+        self.meta: dict[str, list] = {}  # per sample, what `add` was told about it, for the manifest
 
-    def add(self, line: int, sample: dict[str, Any]) -> None:
+    def add(self, sample: dict[str, Any], **meta: Any) -> None:
         self.current.append(sample)
         self.size += sum(v.numel() * v.element_size() for v in sample.values() if isinstance(v, torch.Tensor))
-        self.meta["lines"].append(line)
-        self.meta["lengths"].append(len(sample["input_ids"]))
-        self.meta["trained"].append(int((sample["labels"] != IGNORE_INDEX).sum()))
-        self.meta["modalities"].append(sample["modalities"])
+        for k, v in meta.items():
+            self.meta.setdefault(k, []).append(v)
         if self.size >= SHARD_BYTES:
             self._flush()
 
@@ -359,11 +386,11 @@ class _ShardWriter:
                             "sha256": file_digest(self.out / name)})
         self.current, self.size = [], 0
 
-    def finish(self, skipped: list[str], key: str, source: Path) -> None:
+    def finish(self, key: str, source: Path, **fields: Any) -> None:
         if self.current or not self.shards:
             self._flush()
         manifest = {"version": CACHE_VERSION, "key": key, "source": str(source), "created": time.time(),
-                    "shards": self.shards, "skipped": skipped, **self.meta}
+                    "shards": self.shards, **fields}
         manifest["checksum"] = json_digest(manifest)
         # The manifest is written last: a directory without it is never trusted.
         (self.out / "manifest.json").write_text(json.dumps(manifest))

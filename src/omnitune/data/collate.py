@@ -18,11 +18,13 @@ token, [1, N]. There is no attention_mask: the model masks attention per sample 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Mapping
 
 import torch
 
 from omnitune.data.packing import pack_samples
+from omnitune.model.encoded_inputs import ENCODED_KEYS
 from omnitune.tokens import IGNORE_INDEX
 
 
@@ -42,16 +44,18 @@ class OmniCollator:
     """Pad (or, with `packing`, pack) and concatenate rendered samples into one model batch."""
 
     def __init__(self, pad_token_id: int, loss_weights: Mapping[str, float] | Any = None, packing: bool = False,
-                 host_counts: bool = False):
+                 host_counts: bool = False, layout: Callable[[dict], dict] | None = None):
         """`loss_weights` None: no `sample_weight` (scoring and generation weigh every sample alike).
         `host_counts`: also `trained_tokens` (int) and, for padded batches, `right_padded` (True): what the trainer
-        would otherwise read back from the GPU every step (train/graphed_step.py)."""
+        would otherwise read back from the GPU every step (train/graphed_step.py). `layout`: adds what a media
+        batch's graphed step would read back (M-RoPE positions, media token positions: train/host_layout.py)."""
         self.pad_token_id = pad_token_id
         if hasattr(loss_weights, "model_dump"):
             loss_weights = loss_weights.model_dump()
         self.weights = None if loss_weights is None else dict(loss_weights)
         self.packing = packing
         self.host_counts = host_counts
+        self.layout = layout
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self._packed_tokens(samples) if self.packing else self._padded_tokens(samples)
@@ -63,6 +67,8 @@ class OmniCollator:
         if any("speech_codes" in s for s in samples):
             batch.update(speech_batch(samples))
         batch["use_audio_in_video"] = any(bool(s.get("use_audio_in_video")) for s in samples)
+        if self.layout is not None:
+            batch.update(self.layout(batch))
         if self.weights is None:
             return batch
         weights = torch.tensor([sample_weight(s["modalities"], self.weights) for s in samples], dtype=torch.float32)
@@ -88,30 +94,47 @@ class OmniCollator:
         packed = pack_samples([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
         counts = {name: torch.tensor([s[key].shape[0] if key in s else 0 for s in samples])
                   for name, key in (("image_counts", "image_grid_thw"), ("video_counts", "video_grid_thw"),
-                                    ("audio_counts", "input_features"))}
+                                    ("audio_counts", "feature_attention_mask"))}
         return {"input_ids": packed["input_ids"], "labels": packed["labels"], "seq_lengths": packed["seq_lengths"],
                 **counts}
 
 
+def padding_ratio(lengths: list[int], order: list[int], batch_size: int, multiple: int = 1) -> float:
+    """The share of a padded batch's tokens that are padding, over batches of `batch_size` samples taken in
+    `order`, each padded to its longest sample rounded up to `multiple` (the CUDA-graph bucket)."""
+    real = padded = 0
+    for i in range(0, len(order), batch_size):
+        batch = [lengths[k] for k in order[i:i + batch_size]]
+        real += sum(batch)
+        padded += len(batch) * -(-max(batch) // multiple) * multiple
+    return 1 - real / padded if padded else 0.0
+
+
 def media_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The samples' media in sample order: audio clips padded to the longest (+ frame masks), patches and grids
-    concatenated."""
+    """The samples' media in sample order: audio clips padded to the longest (+ frame masks), patches, grids and
+    stored tower outputs (data/encoder_cache.py; these keep only the frame masks of their audio) concatenated."""
     batch: dict[str, torch.Tensor] = {}
-    feats = [s for s in samples if "input_features" in s]
-    if feats:
-        frames = max(s["input_features"].shape[-1] for s in feats)
-        bins = feats[0]["input_features"].shape[1]
-        clips = sum(s["input_features"].shape[0] for s in feats)
-        x = torch.zeros((clips, bins, frames), dtype=feats[0]["input_features"].dtype)
-        fmask = torch.zeros((clips, frames), dtype=torch.long)
+    clips = [s for s in samples if "feature_attention_mask" in s]
+    if clips:
+        frames = max(s["feature_attention_mask"].shape[-1] for s in clips)
+        n = sum(s["feature_attention_mask"].shape[0] for s in clips)
+        fmask = torch.zeros((n, frames), dtype=torch.long)
+        feats = [s for s in clips if "input_features" in s]
+        if feats:
+            bins = feats[0]["input_features"].shape[1]
+            x = torch.zeros((n, bins, frames), dtype=feats[0]["input_features"].dtype)
         c = 0
-        for s in feats:
-            f, m = s["input_features"], s["feature_attention_mask"]
-            x[c:c + f.shape[0], :, :f.shape[-1]] = f
-            fmask[c:c + f.shape[0], :m.shape[-1]] = m
-            c += f.shape[0]
-        batch["input_features"], batch["feature_attention_mask"] = x, fmask
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
+        for s in clips:
+            m = s["feature_attention_mask"]
+            fmask[c:c + m.shape[0], :m.shape[-1]] = m
+            if feats:
+                x[c:c + m.shape[0], :, :s["input_features"].shape[-1]] = s["input_features"]
+            c += m.shape[0]
+        batch["feature_attention_mask"] = fmask
+        if feats:
+            batch["input_features"] = x
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid",
+                *ENCODED_KEYS):
         parts = [s[key] for s in samples if key in s]
         if parts:
             batch[key] = torch.cat(parts)
@@ -137,7 +160,7 @@ def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device)
-            if v.is_floating_point() and k in ("input_features", "pixel_values", "pixel_values_videos"):
+            if v.is_floating_point() and k in ("input_features", "pixel_values", "pixel_values_videos", *ENCODED_KEYS):
                 v = v.to(dtype)
         out[k] = v
     return out

@@ -105,11 +105,15 @@ def _apply_full(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     return model
 
 
-def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False) -> PeftModel:
-    """A saved PEFT adapter on `model` (the one place adapters are loaded: training's resume aside). A pickled
-    adapter (`adapter_model.bin`) is read with torch's weights-only loader: one that holds code is refused."""
+def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False, name: str = "default") -> PeftModel:
+    """A saved PEFT adapter on `model` (the one place adapters are loaded: training's resume aside); on a PeftModel
+    it is added beside the adapters already there, under `name` (PEFT multi-adapter). A pickled adapter
+    (`adapter_model.bin`) is read with torch's weights-only loader: one that holds code is refused."""
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+            return model
+        return PeftModel.from_pretrained(model, adapter_dir, adapter_name=name, is_trainable=trainable)
     except pickle.UnpicklingError as e:
         raise AdapterError(f"{adapter_dir}: refused to load the adapter: its pickle holds more than tensors "
                            f"({str(e).split('.')[0][:120]}); only load adapters you trust, as safetensors") from None

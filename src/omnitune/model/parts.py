@@ -173,7 +173,9 @@ def thinker_of(model: nn.Module) -> nn.Module:
 
 def parts_map(model: nn.Module | str) -> PartsMap:
     """The map of a model (wrappers looked through) or of a model class name."""
-    name = model if isinstance(model, str) else type(unwrap(model)).__name__
+    # FSDP2 makes a sharded module's class a subclass of its own (FSDPQwen3...): the model's class is in the MRO
+    name = model if isinstance(model, str) else next(
+        (c.__name__ for c in type(unwrap(model)).__mro__ if c.__name__ in MAPS), type(unwrap(model)).__name__)
     if name not in MAPS:
         raise PartsError(f"omnitune has no parts map for {name} (known: {', '.join(MAPS)})")
     return MAPS[name]

@@ -124,14 +124,14 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str | Path)
                           "(RUN/checkpoints/checkpoint-N)")
 
 
-def _adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+def _adapter(model: torch.nn.Module, adapter_dir: Path, name: str = "default") -> torch.nn.Module:
     """A run's LoRA adapter on `model` (unmerged), its values checked first."""
     from safetensors import safe_open
 
     for file in sorted(Path(adapter_dir).glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             check_finite(((k, f.get_tensor(k)) for k in f.keys()), adapter_dir)
-    return load_adapter(model, str(adapter_dir))
+    return load_adapter(model, str(adapter_dir), name=name)
 
 
 def _trained_thinker(src: Source, device_map: str | dict | None) -> torch.nn.Module:
@@ -190,15 +190,19 @@ def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | 
             return _trained_thinker(src, device_map).eval()
         thinker = load_thinker(src.model, device_map=device_map)
         return (apply_weights(thinker, src, merge) if weights else thinker).eval()
-    full = load_full(src.model, device_map=device_map)
+    full = _speaking(load_full(src.model, device_map=device_map), src)
+    return with_trained_weights(full, src, device_map).eval()
+
+
+def _speaking(full: torch.nn.Module, src: Source) -> torch.nn.Module:
+    """The full model, checked to have a Talker and made able to speak about images and videos."""
     if not getattr(full, "has_talker", False):
         raise SourceError(f"{src.model.path} has no Talker (enable_audio_output is off, e.g. a Thinking or "
                          "thinker-only checkpoint): generate with speech=False (--no-speech)")
-    full = with_trained_weights(full, src, device_map)
     # The Talker reuses the Thinker's rope-index code, which reads audio_config.n_window: without this,
     # audio combined with an image or video crashes (QWEN3_OMNI_NOTES.md, Talker).
     full.talker.config.audio_config = full.config.thinker_config.audio_config
-    return full.eval()
+    return full
 
 
 def has_talker(path: str) -> bool:
@@ -221,3 +225,46 @@ def _quantized_thinker(src: Source, device: str) -> torch.nn.Module:
     if src.weights is not None:
         kernels.enable_fast_lora(model)
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several runs' adapters over one base model (serve's multi-LoRA)
+
+
+def check_adapter_runs(src: Source, adapters: dict[str, str | Path]) -> dict[str, Path]:
+    """name -> adapter directory for each run (or adapter dir) to be served over `src`'s base; refuses what cannot
+    be switched per request: a full fine-tune, a run of another base model or variant."""
+    if src.weights is not None and src.weights[0] == "model":
+        raise SourceError(f"{src.label} is a full fine-tune: other runs' adapters cannot go over it. Serve a base "
+                          "checkpoint, recipe or LoRA run with --adapter, and the full fine-tune on its own")
+    out: dict[str, Path] = {}
+    for name, path in adapters.items():
+        kind, wdir = _adapter_weights(path)
+        if kind != "adapter":
+            raise SourceError(f"adapter {name}={path} is a full fine-tune (its whole Thinker, not an adapter): it "
+                              "cannot be switched per request; serve it on its own")
+        if (Path(path) / "recipe.yaml").exists():
+            base = RunDir(Path(path)).recipe().model
+            if (base.path, base.variant) != (src.model.path, src.model.variant):
+                raise SourceError(f"adapter {name}={path} was trained on {base.path} ({base.variant}), not on "
+                                  f"{src.model.path} ({src.model.variant}): adapters served together share one base")
+        out[name] = wdir
+    return out
+
+
+def load_with_adapters(src: Source, adapters: dict[str, Path], speech: bool,
+                       device_map: str | dict | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model, peft): `src`'s base model (Thinker, or the full model with speech) with every named LoRA attached
+    unmerged through PEFT's multi-adapter support; `peft.set_adapter(name)` picks one per request and
+    `peft.disable_adapter()` gives the base. Unmerged LoRA costs speed: a single run is served merged."""
+    if not adapters:
+        raise SourceError("no adapters to load")
+    full = _speaking(load_full(src.model, device_map=device_map), src) if speech else None
+    thinker = full.thinker if full is not None else load_thinker(src.model, device_map=device_map)
+    peft = thinker
+    for name, wdir in adapters.items():
+        try:
+            peft = _adapter(peft, wdir, name=name)
+        except (ValueError, KeyError, RuntimeError) as e:  # PEFT's own refusal, e.g. other target_parameters
+            raise SourceError(f"adapter {name} ({wdir}) cannot be loaded beside the others: {e}") from None
+    return (peft if full is None else full).eval(), peft

@@ -55,8 +55,10 @@ class KeepActivations(TrainerCallback):
     (it does so inside train(), before on_train_begin). "auto": as many as the GPU's memory holds at `tokens`
     tokens per micro-batch (train/checkpointing.auto_uncheckpointed_layers); none on CPU."""
 
-    def __init__(self, layers: int | Literal["auto"], tokens: int, report: Callable[[str], object] = print):
-        self.layers, self.tokens, self.report = layers, tokens, report
+    def __init__(self, layers: int | Literal["auto"], tokens: int, report: Callable[[str], object] = print,
+                 state_bytes: float | None = None):
+        # state_bytes: the gradients and optimizer state the estimate expects (train/memory.py), not yet allocated
+        self.layers, self.tokens, self.report, self.state_bytes = layers, tokens, report, state_bytes
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         stack = parts.decoder_layers(model)
@@ -64,14 +66,30 @@ class KeepActivations(TrainerCallback):
             return
         layers = self.layers
         if layers == "auto":
-            if next(model.parameters()).device.type != "cuda":
+            if next(stack[0].parameters()).device.type != "cuda":  # the decoder's (the towers may be on the host)
                 return
-            plan = auto_uncheckpointed_layers(model, self.tokens, replicas=args.world_size)
+            plan = auto_uncheckpointed_layers(model, self.tokens, replicas=args.world_size,
+                                              state_bytes=self.state_bytes)
             layers = plan.layers
             self.report(f"activations: the last {layers} of {len(stack)} layers skip checkpointing "
                         f"({plan.per_layer_bytes / 2**30:.2f} GiB each at {self.tokens} tokens, "
                         f"{plan.headroom_bytes / 2**30:.1f} GiB free for them)")
         keep_activations(model, layers)
+
+
+class OffloadTowers(TrainerCallback):
+    """Moves the frozen towers to host memory once the Trainer has placed the model (plan.offload_towers): after
+    its `.to(device)`, which cannot move the offloaded (meta) parameters."""
+
+    def __init__(self, report: Callable[[str], object] = print):
+        self.report = report
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from omnitune.model.build import offload_frozen_towers
+
+        done = offload_frozen_towers(model, args.device)
+        if done:
+            self.report(f"towers in host memory until a batch needs them: {', '.join(done)}")
 
 
 class StepStarted(TrainerCallback):

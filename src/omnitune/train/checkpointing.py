@@ -132,28 +132,32 @@ MEMORY_MARGIN = 0.05  # of the card, left free against fragmentation and what th
 
 
 def training_headroom_bytes(model: torch.nn.Module, tokens: int, per_layer_bytes: int, replicas: int = 1,
-                            stack: str = "text") -> int:
-    """Free GPU memory a fully checkpointed step leaves over: the card less what is allocated now, the trainable
-    parameters' gradients and AdamW states (3 copies; one more per DDP gradient bucket copy, `replicas` > 1), the
-    checkpoint boundaries (one [tokens, hidden] per layer), one layer's recompute (x2 for its backward) and a
-    reserve."""
-    device = next(model.parameters()).device
-    total = torch.cuda.get_device_properties(device).total_memory
+                            stack: str = "text", state_bytes: float | None = None) -> int:
+    """Free GPU memory a fully checkpointed step leaves over: the card (capped by the process's memory fraction)
+    less what is allocated now, the gradients and optimizer state still to come (`state_bytes`, from the plan's
+    memory estimate, train/memory.py; default: fp32 AdamW, 3 copies of the trainable parameters), one more
+    gradient copy for DDP's buckets (`replicas` > 1), the checkpoint boundaries (one [tokens, hidden] per layer),
+    one layer's recompute (x2 for its backward) and a reserve."""
+    from omnitune.train.memory import device_budget
+
+    device = next(parts.decoder_layers(model, stack)[0].parameters()).device  # the towers may be on the host
+    total = device_budget("cuda", device.index or 0)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = trainable * 3 if state_bytes is None else state_bytes
     layers = parts.decoder_layers(model, stack)
     hidden = parts.stack_model(model, stack).get_input_embeddings().weight
     boundaries = len(layers) * tokens * hidden.shape[-1] * hidden.element_size()
-    needed = (torch.cuda.memory_allocated(device) + trainable * (3 + (replicas > 1)) + boundaries
+    needed = (torch.cuda.memory_allocated(device) + state + trainable * (replicas > 1) + boundaries
               + 2 * per_layer_bytes + STEP_RESERVE_BYTES)
     return int(total * (1 - MEMORY_MARGIN)) - needed
 
 
 def auto_uncheckpointed_layers(model: torch.nn.Module, tokens: int, headroom_bytes: int | None = None,
-                               replicas: int = 1, stack: str = "text") -> KeepPlan:
+                               replicas: int = 1, stack: str = "text", state_bytes: float | None = None) -> KeepPlan:
     """How many of the last decoder layers can keep their activations at `tokens` tokens per micro-batch: as many
     as the headroom holds (`training_headroom_bytes` on CUDA; pass `headroom_bytes` to decide for other memory)."""
     per_layer = layer_activation_bytes(model, tokens, stack)
     if headroom_bytes is None:
-        headroom_bytes = training_headroom_bytes(model, tokens, per_layer, replicas, stack)
+        headroom_bytes = training_headroom_bytes(model, tokens, per_layer, replicas, stack, state_bytes)
     fit = max(0, headroom_bytes) // max(per_layer, 1)
     return KeepPlan(min(len(parts.decoder_layers(model, stack)), int(fit)), per_layer, headroom_bytes)

@@ -23,6 +23,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_bala
 from omnitune.data.collate import HOST_KEYS
 from omnitune.errors import OmnituneError
 from omnitune.model import parts
+from omnitune.model.encoded_inputs import forward_inputs
 from omnitune.tokens import IGNORE_INDEX
 from omnitune.train.loss import token_losses, weighted_loss
 
@@ -78,7 +79,9 @@ class ThinkerLM:
         thinker, backbone, head = self._resolve(model)
         if "seq_lengths" in inputs:  # a packed row (data.packing): no attention_mask, positions per sample
             packed = [inputs.pop(k) for k in PACKED_KEYS]
-            inputs["position_ids"] = packed_position_ids(backbone, inputs, *packed)
+            if "position_ids" not in inputs:  # else the collator computed them (train/host_layout.py)
+                inputs["position_ids"] = packed_position_ids(backbone, inputs, *packed)
+        inputs = forward_inputs(backbone, inputs)  # stored tower outputs, when the batch has them
         want_router = self.router_aux_coef > 0 and model.training
         out = backbone(**inputs, output_router_logits=want_router, use_cache=False)
         losses = token_losses(out.last_hidden_state, head, labels, fused=self.chunked)

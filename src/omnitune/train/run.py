@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 from transformers import TrainingArguments, set_seed
@@ -26,8 +25,12 @@ from omnitune.model.speakers import add_speakers, save_speakers
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
-from omnitune.train.callbacks import KeepActivations, MetricsLog, StepStarted
+from omnitune.train.callbacks import KeepActivations, MetricsLog, OffloadTowers, StepStarted
+from omnitune.train.distributed import (ShardReport, deepspeed_config, engine_backend, full_trained_state,
+                                        process_state, shard)
 from omnitune.train.guard import NonFiniteGuard
+from omnitune.train.host_layout import HostLayout
+from omnitune.train.memory import MemoryEstimate, check_fits
 from omnitune.train.objectives import TalkerCodec, ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
 from omnitune.train.resume import CheckpointError, resumable_checkpoint
@@ -41,6 +44,7 @@ class TrainResult:
     train_loss: float | None
     eval_loss: float | None
     plan: TrainingPlan | None = None
+    memory: MemoryEstimate | None = None
 
 
 def absolute_recipe(recipe: Recipe) -> Recipe:
@@ -51,6 +55,8 @@ def absolute_recipe(recipe: Recipe) -> Recipe:
         value = getattr(r.data, key)
         if value is not None:
             setattr(r.data, key, str(recipe.resolve(value)))
+    if r.distributed.deepspeed_config is not None:
+        r.distributed.deepspeed_config = str(recipe.resolve(r.distributed.deepspeed_config))
     if recipe.model.path != "tiny" and Path(recipe.model.path).expanduser().exists():
         r.model.path = str(Path(recipe.model.path).expanduser().resolve())
     return r
@@ -88,17 +94,42 @@ def training_arguments(recipe: Recipe, run: RunDir, has_eval: bool, plan: Traini
         activation_checkpointing=plan.gradient_checkpointing and plan.checkpoint_policy == "full",
         activation_checkpointing_kwargs=ckpt_kwargs if plan.gradient_checkpointing else None,
         # no per-step isnan read-back: non-finite steps are caught on the device (train/guard.py)
-        logging_steps=t.logging_steps, logging_nan_inf_filter=False, save_strategy="steps", save_steps=t.save_steps,
+        logging_steps=t.logging_steps, logging_nan_inf_filter=False,
+        train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
+        save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, prediction_loss_only=True,
         remove_unused_columns=False, report_to=report, dataloader_num_workers=0,
         # batches reach the GPU as queued copies from pinned memory: a blocking copy would wait for the previous
         # step's kernels every step, and the host's work after that wait would leave the GPU idle
-        dataloader_pin_memory=True, accelerator_config={"non_blocking": True},
-        disable_tqdm=False, use_cpu=plan.hardware.device == "cpu",
+        dataloader_pin_memory=True,
+        # use_configured_state: DeepSpeed on the CPU keeps the process state made for it (process_state)
+        accelerator_config={"non_blocking": True, "use_configured_state": engine_backend(plan) is not None},
+        # DeepSpeed on a CPU-only machine runs through accelerate's DeepSpeed path with DS_ACCELERATOR=cpu, which
+        # accelerate takes only when not told use_cpu (train/distributed.py)
+        disable_tqdm=False, use_cpu=plan.hardware.device == "cpu" and not plan.deepspeed,
+        deepspeed=deepspeed_config(recipe, plan),
         # DDP: towers trained in full (modules_to_save) get no gradient from batches without their modality
         ddp_find_unused_parameters=plan.unused_parameters if plan.world_size > 1 else None,
     )
+
+
+def padding_report(lengths: list[int], batch_size: int, plan: TrainingPlan, seed: int = 0) -> str:
+    """One line: the share of padding in the padded batches this run makes (one epoch's order drawn as the sampler
+    draws it), beside what random order would give."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from omnitune.data.collate import padding_ratio
+
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(lengths), generator=generator).tolist()
+    multiple = plan.graph_bucket if plan.cuda_graphs else 1
+    bucket = f", rounded up to the {multiple}-token graph bucket" if multiple > 1 else ""
+    if not plan.group_by_length:
+        return f"padding: {100 * padding_ratio(lengths, shuffled, batch_size, multiple):.1f}% of batch tokens{bucket}"
+    grouped = get_length_grouped_indices(lengths, batch_size, generator=generator)
+    return (f"padding: {100 * padding_ratio(lengths, grouped, batch_size, multiple):.1f}% of batch tokens{bucket} "
+            f"(length-grouped; {100 * padding_ratio(lengths, shuffled, batch_size, multiple):.1f}% in random order)")
 
 
 def print_summary(model: torch.nn.Module, console: Console) -> None:
@@ -157,9 +188,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     plan = make_plan(recipe)
     speaks = plan.objective == "talker_codec"  # the Talker trains: the full model, the Thinker frozen inside it
     check_adapter_config(recipe.adapter, FULL_MODEL if speaks else "Qwen3OmniMoeThinkerForConditionalGeneration")
-    # joins the process group under torchrun (a no-op for one process); cpu= as the Trainer will ask for it, or
-    # accelerate takes a CPU launch for a single process and every process believes it is the main one
-    state = PartialState(cpu=plan.hardware.device == "cpu")
+    # joins the process group under torchrun (a no-op for one process), as the Trainer will ask for it
+    state = process_state(plan)
     console = console or Console()
     if not state.is_main_process:
         console = Console(quiet=True)  # one process reports
@@ -178,10 +208,18 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if state.is_main_process:
         run.save_recipe(recipe)
     console.print("[bold]plan[/bold]\n  " + "\n  ".join(plan.lines()), highlight=False)
+    if speaks:  # train/memory.py models the Thinker's training; the Talker's is small beside the frozen Thinker
+        memory = None
+        console.print("  memory estimate: not modelled for train.objective=talker_codec", highlight=False)
+    else:
+        memory = check_fits(recipe, plan, config=thinker.config if thinker is not None else None, model=thinker,
+                            report=lambda line: console.print("  " + line, highlight=False))
 
     with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
         processor = load_processor(recipe.model)
         train_ds, eval_ds = load_or_prepare(recipe, processor, console=console)
+    if not plan.packing:
+        console.print(padding_report(train_ds.lengths, recipe.train.batch_size, plan), highlight=False)
     set_seed(recipe.train.seed)  # adapter init draws from the global RNG: same seed, same run (every process)
     if thinker is None:
         # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
@@ -189,17 +227,34 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         on_device = plan.hardware.device == "cuda" and recipe.adapter.method != "qlora"
         load = load_full if speaks else load_thinker
         thinker = load(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
+    if plan.encoder_cache:  # the frozen towers run once here; training reads their stored outputs
+        from omnitune.data.encoder_cache import with_encoder_outputs
+
+        with state.main_process_first():  # one process encodes, the others find its outputs
+            train_ds, eval_ds = with_encoder_outputs([train_ds, eval_ds], thinker, plan.hardware.device_str, console)
     speakers = add_speakers(thinker, dataset_speakers(train_ds), recipe.talker.new_speaker_init) if speaks else {}
     model = build_for_training(thinker, recipe.adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
-                               report=console.print, stack="talker" if speaks else "text")
+                               report=console.print, offload_experts=plan.offload_experts,
+                               stack="talker" if speaks else "text")
+    if plan.encoder_cache and plan.towers_on_host:
+        from omnitune.data.encoder_cache import towers_to_host
+
+        towers_to_host(model)
     enable_selective_checkpointing(model, plan)
     print_summary(model, console)
+    model = shard(model, plan)  # FSDP2 shards here; ZeRO when the Trainer builds its engine (train/distributed.py)
 
     args = training_arguments(recipe, run, has_eval=eval_ds is not None, plan=plan)
     metrics = MetricsLog(run.metrics)
     callbacks = [metrics]
+    if plan.sharded:
+        callbacks.append(ShardReport(plan, report=console.print))
+    if plan.offload_towers:
+        callbacks.append(OffloadTowers(report=console.print))
     if plan.gradient_checkpointing and plan.uncheckpointed_layers:
-        callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print))
+        pending = memory.parts["grads"] + memory.parts["optimizer"] if memory is not None else None
+        callbacks.append(KeepActivations(plan.uncheckpointed_layers, plan.micro_batch_tokens, report=console.print,
+                                         state_bytes=pending))
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
@@ -210,7 +265,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, objective=objective, plan=plan,
         guard=guard,
         data_collator=OmniCollator(pad_id(processor.tokenizer), recipe.train.loss_weights, packing=plan.packing,
-                                   host_counts=True),
+                                   host_counts=True, layout=HostLayout(parts.module(thinker, "backbone"))
+                                   if plan.cuda_graphs else None),
         callbacks=callbacks)
     started = StepStarted()
     trainer.add_callback(started)
@@ -231,8 +287,10 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if summary:
         console.print(summary)
     eval_loss = final_eval_loss(trainer) if eval_ds is not None else None
+    full = recipe.adapter.method == "full"
+    weights = full_trained_state(model, plan, trainable_only=not full)  # None where every process holds them
     if state.is_main_process:
-        save_final(model, processor, run, full=recipe.adapter.method == "full")
+        save_final(model, processor, run, full=full, state_dict=weights)
         if speaks:
             save_speakers(speakers, run.speakers)
         if recipe.talker.preserve_speech:
@@ -249,7 +307,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     console.print(f"[green]done[/]: {out.global_step} steps, train loss {train_loss:.4f} (mean over the run's "
                   "steps)" + (f", eval loss {eval_loss:.4f} (modality-weighted, over the eval set)"
                               if eval_loss is not None else "") + f" -> {run.root}")
-    return TrainResult(run, out.global_step, train_loss, eval_loss, plan)
+    return TrainResult(run, out.global_step, train_loss, eval_loss, plan, memory)
 
 
 def dataset_speakers(dataset) -> list[str]:
@@ -266,9 +324,14 @@ def final_eval_loss(trainer: OmniTrainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def save_final(model: torch.nn.Module, processor, run: RunDir, full: bool) -> None:
-    """RUN/adapter (or RUN/model) and RUN/processor, each written to a temp dir and renamed into place."""
-    for target, write in ((run.model if full else run.adapter, model.save_pretrained),
+def save_final(model: torch.nn.Module, processor, run: RunDir, full: bool,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """RUN/adapter (or RUN/model) and RUN/processor, each written to a temp dir and renamed into place.
+    `state_dict`: the weights gathered from a sharded run (train/distributed.py), written as one process's."""
+    def write_model(path: str) -> None:
+        model.save_pretrained(path, **({} if state_dict is None else {"state_dict": state_dict}))
+
+    for target, write in ((run.model if full else run.adapter, write_model),
                           (run.processor, processor.save_pretrained)):
         tmp = staging_dir(run.root, f".{target.name}-")
         write(str(tmp))

@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from omnitune.train.cuda_graph import GraphCaptureError
+from omnitune.train.distributed import forward_owner, full_trained_state, is_sharded_tensor, zero3_external_head
+from omnitune.train.distributed_checkpoint import load_sharded_model, load_sharded_optimizer, save_sharded
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.objectives import PACKED_KEYS, Objective, packed_position_ids
-from omnitune.train.optimizer import MultiTensorAdamW, kernel_applies
+from omnitune.train.optimizer import MultiTensorAdamW, OptimizerInBackward, kernel_applies, low_memory_optimizer
 from omnitune.train.plan import TrainingPlan
 from omnitune.transfer import scalar
 
@@ -45,6 +48,10 @@ class OmniTrainer(Trainer):
         # The objective's loss is already normalised by the items (trained tokens) of the whole optimizer step.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+        self._head_registered = False
+        if plan is not None and plan.strategy == "fsdp2":
+            # the model was sharded by train/distributed.py and reduces its own gradients: no DDP wrapper on top
+            self.is_distributed_loading_by_transformers = True
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[Any, Any]:
@@ -57,6 +64,15 @@ class OmniTrainer(Trainer):
             return MultiTensorAdamW, kwargs
         return cls, kwargs
 
+    def _get_train_sampler(self, train_dataset=None):
+        """HF's sampler; the length-grouped one takes the lengths from the data cache's manifest instead of reading
+        every sample (HF's fallback for datasets that are not `datasets.Dataset`)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
     def create_optimizer(self, model=None):
         optimizer = self._create_optimizer(model)
         if self.guard is not None:
@@ -64,16 +80,29 @@ class OmniTrainer(Trainer):
         return optimizer
 
     def _create_optimizer(self, model=None):
+        plan = self.plan
+        if plan is not None and self.optimizer is None and (plan.optimizer_in_backward or plan.optimizer in (
+                "adamw8bit", "adamw4bit", "adamw_cpu")):
+            _, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = low_memory_optimizer(
+                plan.optimizer, self._parameter_groups(), lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
+                device=plan.hardware.device, offload_gradients=self.args.gradient_accumulation_steps == 1)
+            if plan.optimizer_in_backward:
+                self.optimizer = OptimizerInBackward(self.optimizer)
+            return self.optimizer
         if self.plan is not None and self.plan.optimizer == "hf_default" and self.optimizer is None:
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
-            decay = self.get_decay_parameter_names(self.model)
-            groups = [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n in decay],
-                       "weight_decay": self.args.weight_decay},
-                      {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay],
-                       "weight_decay": 0.0}]
-            self.optimizer = cls(groups, **kwargs)
+            self.optimizer = cls(self._parameter_groups(), **kwargs)
             return self.optimizer
         return super().create_optimizer(model)
+
+    def _parameter_groups(self) -> list[dict]:
+        """HF's two groups: weights that decay, and those that don't (biases, norms)."""
+        decay = self.get_decay_parameter_names(self.model)
+        return [{"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n in decay],
+                 "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in self.model.named_parameters() if p.requires_grad and n not in decay],
+                 "weight_decay": 0.0}]
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The objective's items (trained tokens) of an optimizer step's micro-batches, summed over processes."""
@@ -81,7 +110,7 @@ class OmniTrainer(Trainer):
             return None
         count = sum(self.objective.count(b) for b in batch_samples)
         count = count.to(device) if torch.is_tensor(count) else scalar(count, device, torch.int64)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+        if self._items_are_global(count):
             count = self.accelerator.gather(count).sum()
         return count
 
@@ -100,6 +129,8 @@ class OmniTrainer(Trainer):
     def _get_grad_norm(self, model, grad_norm=None):
         """HF's gradient norm (computed by clipping), and the guard's look at it: every optimizer step."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
+        if torch.is_tensor(grad_norm) and is_sharded_tensor(grad_norm):
+            grad_norm = grad_norm.full_tensor()  # FSDP2: the norm over every process's shards
         if self.guard is not None and torch.is_tensor(grad_norm):
             bad = self.guard.observe(grad_norm, self._window_loss)
             if self._window_loss is not None:
@@ -144,9 +175,11 @@ class OmniTrainer(Trainer):
             return self._eager_step(model, inputs, num_items_in_batch, reason)
         model.train()
         batch = dict(inputs)
-        position_ids = None
+        position_ids = batch.pop("position_ids", None)  # the collator's, computed on the host (train/host_layout.py)
         if "seq_lengths" in batch:
-            position_ids = packed_position_ids(self.graphed.backbone, batch, *[batch.pop(k) for k in PACKED_KEYS])
+            packed = [batch.pop(k) for k in PACKED_KEYS]
+            if position_ids is None:
+                position_ids = packed_position_ids(self.graphed.backbone, batch, *packed)
         try:
             with self.compute_loss_context_manager():
                 loss = self.graphed(batch, position_ids, num_items_in_batch)
@@ -174,20 +207,69 @@ class OmniTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        if isinstance(model, DistributedDataParallel):
-            # Through the DDP wrapper, so that its gradient all-reduce is armed for this backward: the objective
-            # runs as the wrapped module's forward for the length of this call.
-            def forward(**batch):
-                return self.objective.loss(model.module, batch, num_items_in_batch, steps)
+        owner = forward_owner(model)
+        if owner is not None:
+            # Through the engine (DDP, FSDP2, DeepSpeed), so that its hooks (the gradient all-reduce, gathering
+            # sharded parameters) are armed for this forward and backward: the objective runs as the forward of
+            # the module the engine hooks, for the length of this call.
+            if self.plan is not None and self.plan.strategy == "zero3" and not self._head_registered:
+                zero3_external_head(owner)
+                self._head_registered = True
 
-            model.module.forward = forward  # an instance attribute shadows the class's forward
+            def forward(**batch):
+                return self.objective.loss(owner, batch, num_items_in_batch, steps)
+
+            owner.forward = forward  # an instance attribute shadows the class's forward
             try:
                 loss = model(**inputs)
             finally:
-                del model.module.forward
+                del owner.forward
         else:
             loss = self.objective.loss(model, inputs, num_items_in_batch, steps)
+        if self._items_are_global(num_items_in_batch):
+            # The loss is over this process's items divided by every process's: the engines (DDP, FSDP,
+            # DeepSpeed) average gradients over processes, so each process's share is scaled back up by their
+            # number, and the update is that of one process training on the concatenated batch.
+            loss = loss * self.args.world_size
         return (loss, {}) if return_outputs else loss
+
+    def _items_are_global(self, num_items_in_batch) -> bool:
+        """Whether `num_items_in_batch` counts the items of every process (`_get_num_items_in_batch`)."""
+        return (num_items_in_batch is not None and self.args.average_tokens_across_devices
+                and self.args.world_size > 1)
+
+    @property
+    def _fsdp2(self) -> bool:
+        return self.plan is not None and self.plan.strategy == "fsdp2"
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """FSDP2 (sharded by us, unknown to HF): the weights gathered into one adapter (or model) that eval, infer
+        and export read as a one-GPU run's; every process joins the gathering, the main process writes."""
+        if not self._fsdp2:
+            return super().save_model(output_dir, _internal_call)
+        adapter = hasattr(self.model, "peft_config")  # LoRA: the trained parameters are the adapter
+        state = full_trained_state(self.model, self.plan, trainable_only=adapter)
+        self._save(output_dir or self.args.output_dir, state_dict=state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self._fsdp2:
+            save_sharded(output_dir, self.model, self.optimizer)  # train/distributed_checkpoint.py
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            return
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self._fsdp2:
+            return load_sharded_model(resume_from_checkpoint, self.model)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if self._fsdp2 and checkpoint is not None:
+            load_sharded_optimizer(checkpoint, self.model, self.optimizer)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N in a staging dir, then rename it into place: a crash never leaves a partial one."""
