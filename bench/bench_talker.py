@@ -65,15 +65,17 @@ BASE = ["train.batch_size=1", "train.grad_accum=1", "train.lr=1e-5", "train.warm
 
 def full_config(thinker_layers: int):
     """The full Qwen3-Omni config: the real-width Thinker at `thinker_layers` layers, the released Talker (its
-    accept_hidden_layer the Thinker's last), a small Code2Wav (never run in training)."""
+    accept_hidden_layer the Thinker's last); token ids and a small Code2Wav (never run in training) from the tiny
+    model's config."""
     from transformers import Qwen3OmniMoeConfig
 
-    from omnitune.model.tiny import TOKEN_IDS as ids
+    from omnitune.model.tiny import tiny_config
 
+    cfg = tiny_config().to_dict()
     thinker = thinker_config(thinker_layers).to_dict()
     t = dict(TALKER)
     mrope = t.pop("mrope")
-    talker = dict(
+    cfg["talker_config"].update(
         text_config=dict(t, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
                          max_position_embeddings=65536, router_aux_loss_coef=0.001,
                          rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=mrope,
@@ -81,19 +83,10 @@ def full_config(thinker_layers: int):
         code_predictor_config=dict(CODE_PREDICTOR, rms_norm_eps=1e-6,
                                    rope_parameters=dict(rope_type="default", rope_theta=1e6)),
         num_code_groups=CODE_PREDICTOR["num_code_groups"], thinker_hidden_size=thinker["text_config"]["hidden_size"],
-        accept_hidden_layer=thinker_layers, audio_token_id=ids["audio"], image_token_id=ids["image"],
-        video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
-        audio_start_token_id=ids["audio_start"], position_id_per_seconds=13, spatial_merge_size=2, **CODEC_IDS)
-    code2wav = dict(codebook_size=CODE_PREDICTOR["vocab_size"], num_quantizers=CODE_PREDICTOR["num_code_groups"],
-                    hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
-                    num_hidden_layers=1, sliding_window=8, upsample_rates=[2, 2], upsampling_ratios=[2],
-                    decoder_dim=32, max_position_embeddings=512,
-                    rope_parameters=dict(rope_type="default", rope_theta=10000.0))
-    return Qwen3OmniMoeConfig(
-        thinker_config=thinker, talker_config=talker, code2wav_config=code2wav, enable_audio_output=True,
-        im_start_token_id=ids["im_start"], im_end_token_id=ids["im_end"], tts_pad_token_id=ids["tts_pad"],
-        tts_bos_token_id=ids["tts_bos"], tts_eos_token_id=ids["tts_eos"], system_token_id=ids["system"],
-        user_token_id=ids["user"], assistant_token_id=ids["assistant"])
+        accept_hidden_layer=thinker_layers, **CODEC_IDS)
+    cfg["code2wav_config"].update(codebook_size=CODE_PREDICTOR["vocab_size"],
+                                  num_quantizers=CODE_PREDICTOR["num_code_groups"])
+    return Qwen3OmniMoeConfig.from_dict({**cfg, "thinker_config": thinker})
 
 
 def model_dir(work: Path, cfg) -> Path:

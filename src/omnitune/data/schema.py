@@ -184,7 +184,7 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
                        f"{prev or 'the start'}")
         # Several user turns in a row (a clip, then a question) render fine and are allowed.
         if role == "assistant":
-            messages.append(_assistant(turn, where, variant, fail, lambda ref: _media_path(
+            messages.append(_assistant(turn, where, variant, fail, lambda ref, where=where: _media_path(
                 "audio", ref, where, base, roots, fail)))
             if "speech" in messages[-1]:
                 speech.append((i, messages[-1].pop("speech")))

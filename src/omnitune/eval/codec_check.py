@@ -3,10 +3,10 @@
 No official audio -> codes encoder was released with Qwen3-Omni (model/codec.py), so target codes come from an
 encoder whose codes the checkpoint's Talker and Code2Wav may or may not speak. For each audio file and codec:
 encode (24 kHz) -> the checkpoint's Code2Wav decodes the codes back -> objective scores of the round trip (log-mel
-L1 distance, SI-SDR in dB; only meaningful with real weights, NaN where Code2Wav does not make 24 kHz audio), and the checkpoint's Talker's teacher-forced codec
-CE on the codes (codebook 0 per frame), conditioned on the file's transcript (`--text`; without one a neutral
-sentence, which keeps the CE comparable between codecs but not an absolute score). The encoder the checkpoint was
-trained with gives a much lower CE and a cleaner round trip.
+L1 distance, SI-SDR in dB; only meaningful with real weights, NaN where Code2Wav does not make 24 kHz audio), and
+the checkpoint's Talker's teacher-forced codec CE on the codes (codebook 0 per frame), conditioned on the file's
+transcript (`--text`; without one a neutral sentence, which keeps the CE comparable between codecs but not an
+absolute score). The encoder the checkpoint was trained with gives a much lower CE and a cleaner round trip.
 """
 from __future__ import annotations
 
