@@ -19,6 +19,9 @@ def test_demo_improves_the_held_out_score_by_a_clear_margin(tmp_path):
     base_acc, tuned_acc = map(float, acc.groups())
     assert tuned_loss < base_loss - 2.0
     assert tuned_acc >= base_acc + 40.0
+    voice = re.search(r"voice: codec CE\s+│\s+([\d.]+)\s+│\s+([\d.]+)", out)  # the Talker's new voice
+    assert voice and float(voice.group(2)) < float(voice.group(1)) - 2.0, out[-2000:]
+    assert (tmp_path / "demo" / "voice-reply.wav").exists()
     run = tmp_path / "demo" / "run"
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert (run / "metrics.jsonl").exists()

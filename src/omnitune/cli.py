@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 
@@ -82,7 +83,12 @@ def train(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt,
 @app.command("eval")
 def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or preset) or checkpoint"),
           data: Optional[Path] = typer.Option(None, "--data", help="eval JSONL (default: the recipe's data.eval)"),
-          task: str = typer.Option("free", help="asr | caption | mcq | qa | free"),
+          task: str = typer.Option("free", help="asr | caption | mcq | qa | free | speech (the Talker's codec CE) | "
+                                   "voice (speak, then WER of the speech and speaker similarity)"),
+          speaker_model: Optional[str] = typer.Option(None, help="task voice: a local SpeechBrain ECAPA model "
+                                                      "folder for speaker similarity"),
+          codec: Optional[str] = typer.Option(None, help="task speech: the codec of the target speech "
+                                              "(default: the recipe's talker.codec)"),
           adapter: Optional[Path] = typer.Option(None, help="a run directory or adapter dir to apply"),
           compare: Optional[str] = typer.Option(None, "--compare", help="'base': score the base model too"),
           batch_size: int = typer.Option(8), max_new_tokens: int = typer.Option(256),
@@ -96,10 +102,12 @@ def eval_(source: str = typer.Argument(..., help="run directory, recipe (file or
             raise RecipeError(f"--compare takes 'base', not {compare!r}")
         report = evaluate(source, data, task, adapter=adapter, compare_base=compare == "base",
                           batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out, limit=limit,
-                          on_error=on_error)
+                          on_error=on_error, codec=codec, speaker_model=speaker_model)
     from omnitune.eval.report import scores_table
 
     console.print(scores_table(report))
+    for note in sorted({n for res in report.results.values() for n in res.notes}):
+        console.print(f"[yellow]note:[/] {note}")
     for name, path in (report.files or {}).items():
         console.print(f"{name}: {path}")
 
@@ -159,6 +167,39 @@ def export(run_dir: str = typer.Argument(..., help="run directory (or a recipe/c
         res = export_run(run_dir, out_dir, thinker_only=thinker_only, shard_size=shard_size, adapter=adapter,
                          dtype=dtype, overwrite=overwrite)
     console.print(f"[green]exported[/] {res.n_tensors} tensors in {res.n_shards} shard(s) -> {res.out_dir}")
+
+
+@app.command("codec-check")
+def codec_check(audio: list[Path] = typer.Argument(..., help="speech files (any rate; resampled to 24 kHz)"),
+                model: str = typer.Option("Qwen/Qwen3-Omni-30B-A3B-Instruct", help="checkpoint, run directory or "
+                                          "recipe whose Talker and Code2Wav judge the codes"),
+                codec: Optional[list[str]] = typer.Option(None, help="codec(s) to compare: mimi, qwen3-tts-12hz, "
+                                                          "tiny, package.module:Class (repeatable; default mimi)"),
+                codec_path: Optional[str] = typer.Option(None, help="the codec's weights (default per codec)"),
+                text: Optional[list[str]] = typer.Option(None, help="each file's transcript, in order (repeatable)"),
+                speaker: str = typer.Option("ethan")):
+    """Encode -> Code2Wav round trip and the Talker's codec CE per codec: which encoder matches the checkpoint."""
+    from rich.table import Table
+
+    from omnitune.eval.codec_check import codec_check as check
+    with user_errors():
+        rows = check(model, audio, codec or ["mimi"], codec_path, text, speaker)
+    table = Table(title="codec check (lower codec CE and mel distance, higher SI-SDR: the better match)",
+                  show_edge=False)
+    for col in ("codec", "file", "frames", "codec CE", "mel distance", "SI-SDR dB"):
+        table.add_column(col, justify="left" if col in ("codec", "file") else "right")
+    for r in rows:
+        table.add_row(r["codec"], Path(r["file"]).name, str(r["frames"]), f"{r['codec_ce']:.3f}",
+                      f"{r['mel_distance']:.3f}", f"{r['si_sdr_db']:.1f}")
+    console.print(table)
+    best = {}
+    for r in rows:
+        best.setdefault(r["codec"], []).append(r["codec_ce"])
+    if len(best) > 1:
+        name = min(best, key=lambda k: float(np.mean(best[k])))
+        console.print(f"lowest mean codec CE: [bold]{name}[/bold] (set talker.codec={name})")
+    if not text:
+        console.print("[dim]no --text: CEs are conditioned on a neutral sentence (comparable between codecs only)[/]")
 
 
 @app.command()

@@ -27,7 +27,7 @@ from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 from omnitune.atomic import replace_dir, staging_dir
 from omnitune.errors import OmnituneError
 from omnitune.model.load import load_full
-from omnitune.model.source import Source, load_generation_processor, resolve_source, with_trained_thinker
+from omnitune.model.source import Source, load_generation_processor, resolve_source, with_trained_weights
 from omnitune.recipe import Recipe
 from omnitune.tokens import pad_id
 
@@ -89,7 +89,7 @@ def build_merged(src: Source, thinker_only: bool) -> Qwen3OmniMoeForConditionalG
     if not thinker_only and not model.has_talker:
         raise ExportError(f"the base checkpoint '{cfg.path}' has no Talker (enable_audio_output is off): "
                           "export with thinker_only (--thinker-only)")
-    with_trained_thinker(model, src)
+    model = with_trained_weights(model, src)
     names = [n for n, _ in model.named_parameters() if any(m in n for m in WRAPPER_MARKS)]
     if names:
         raise ExportError(f"the merged model still has adapter parameters (merge failed): {names[:3]}")

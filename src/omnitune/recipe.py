@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from omnitune.errors import OmnituneError
 
-PRESETS = ("instruct", "thinking", "captioner", "demo")
+PRESETS = ("instruct", "thinking", "captioner", "demo", "voice")
 Variant = Literal["instruct", "thinking", "captioner"]
 
 
@@ -136,6 +136,9 @@ class LossWeights(_Section):
 
 
 class TrainConfig(_Section):
+    objective: Literal["thinker_lm", "talker_codec"] = Field(
+        "thinker_lm", description="thinker_lm: the Thinker's next-token loss; talker_codec: the Talker learns "
+        "target speech, teacher-forced on the frozen Thinker (the voice preset)")
     lr: float = Field(2e-5, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -224,6 +227,49 @@ class DistributedConfig(_Section):
         return self
 
 
+CODECS = ("mimi", "qwen3-tts-12hz", "tiny")
+
+
+class TalkerConfig(_Section):
+    """Speech output: the codec that turns target speech into the Talker's codes, the Talker objective's loss
+    weights, and speakers (model/codec.py, train/objectives.py `TalkerCodec`, model/speakers.py)."""
+    codec: str = Field("mimi", description="speech -> codes encoder: mimi (Kyutai's Mimi, first 16 codebooks), "
+                       "qwen3-tts-12hz (Qwen3-TTS's 12 Hz tokenizer encoder), tiny (a random Mimi for tests), or "
+                       "package.module:Class (model/codec.py `SpeechCodec`)")
+    codec_path: str | None = Field(None, description="the codec's weights (dir or cached hub id); default "
+                                   "kyutai/mimi for mimi, Qwen/Qwen3-TTS-Tokenizer-12Hz for qwen3-tts-12hz")
+    codec_sliding_window: int | None = Field(None, gt=0, description="the Mimi encoder's attention window in "
+                                             "frames; transformers 5.23 defaults to 250, 4.57 used the "
+                                             "checkpoint's: set it to match the codes the Talker was trained on")
+    code_predictor_weight: float = Field(0.3, ge=0, description="loss = CE(codebook 0, incl. end of speech) + "
+                                         "this x CE(code predictor, codebooks 1..15)")
+    speaker: str = Field("ethan", description="the voice of records that name no `speaker`")
+    new_speaker_init: str | None = Field("ethan", description="a new speaker's embedding row starts as this "
+                                         "voice's (null: random)")
+    preserve_speech: bool = Field(False, description="train.objective=thinker_lm: after the Thinker, train a "
+                                  "Talker LoRA on the speech the base model makes for the same answers "
+                                  "(self-distillation), so the tuned Thinker keeps the base voice "
+                                  "(train/speech_preserve.py)")
+    preserve_steps: int = Field(200, gt=0, description="preserve_speech: Talker LoRA steps (one answer each)")
+    preserve_lr: float = Field(1e-4, gt=0)
+    preserve_rank: int = Field(16, gt=0)
+    preserve_samples: int = Field(256, gt=0, description="preserve_speech: answers the base model speaks (per split)")
+
+    @field_validator("codec")
+    @classmethod
+    def _codec_name(cls, v: str) -> str:
+        if v not in CODECS and ":" not in v:
+            hint = difflib.get_close_matches(v, CODECS, n=1)
+            raise ValueError(f"talker.codec {v!r} is not one of {', '.join(CODECS)} or a package.module:Class"
+                             + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        return v
+
+    @field_validator("speaker", "new_speaker_init")
+    @classmethod
+    def _lower(cls, v: str | None) -> str | None:
+        return v.lower() if v else v  # generate() looks speakers up in lower case
+
+
 class LogConfig(_Section):
     tensorboard: bool = True
     wandb: bool = False
@@ -238,6 +284,7 @@ class Recipe(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    talker: TalkerConfig = Field(default_factory=TalkerConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     # Where the recipe came from; relative data paths resolve against it.
     base_dir: str = Field(".", exclude=True)
@@ -276,6 +323,17 @@ class Recipe(_Section):
         if self.adapter.method == "qlora" and self.model.experts != "omnitune":
             raise ValueError("adapter.method=qlora needs model.experts=omnitune: only that experts path "
                              "dequantizes the 4-bit expert weights")
+        return self
+
+    @model_validator(mode="after")
+    def _talker_needs_instruct(self) -> "Recipe":
+        if self.train.objective == "talker_codec" and self.model.variant != "instruct":
+            raise ValueError("train.objective=talker_codec needs model.variant=instruct: only the Instruct "
+                             "checkpoint has a Talker")
+        if self.talker.preserve_speech and (self.train.objective != "thinker_lm" or self.model.variant != "instruct"
+                                            or self.adapter.method != "lora"):
+            raise ValueError("talker.preserve_speech needs train.objective=thinker_lm, adapter.method=lora and "
+                             "model.variant=instruct: it keeps the voice of an Instruct Thinker LoRA")
         return self
 
     def resolve(self, path: str | None) -> Path | None:

@@ -4,6 +4,8 @@
     RUN/adapter/               PEFT LoRA adapter (method lora), or
     RUN/model/                 the fine-tuned Thinker, save_pretrained (method full)
     RUN/processor/             processor + tokenizer + our chat template
+    RUN/speakers.json          voice runs: every voice the Talker speaks as (name -> codec-embedding row), new ones too
+    RUN/talker_adapter/        talker.preserve_speech: the Talker LoRA that keeps the voice with the tuned Thinker
     RUN/checkpoints/checkpoint-N/   trainer state for --resume (written atomically)
     RUN/metrics.jsonl          one JSON object per logged step: step, epoch, loss, lr, eval_loss, ...
     RUN/logs/                  tensorboard events
@@ -38,6 +40,14 @@ class RunDir:
     @property
     def processor(self) -> Path:
         return self.root / "processor"
+
+    @property
+    def speakers(self) -> Path:
+        return self.root / "speakers.json"
+
+    @property
+    def talker_adapter(self) -> Path:
+        return self.root / "talker_adapter"
 
     @property
     def checkpoints(self) -> Path:

@@ -36,6 +36,7 @@ from omnitune.data.encoder_cache import TOWER_INPUTS
 from omnitune.data.pixels import pack_pixels, pixel_norms, unpack_pixels
 from omnitune.data.render import render
 from omnitune.data.schema import Record, RecordError, read_records
+from omnitune.data.speech import SpeechTargets
 from omnitune.model.template import chat_template
 from omnitune.recipe import DataConfig, Recipe, RecipeError
 from omnitune.tokens import IGNORE_INDEX
@@ -152,7 +153,8 @@ def cache_key(recipe: Recipe, path: Path, records: list[Record | RecordError], p
         if isinstance(r, RecordError):  # e.g. a missing file that appears later must invalidate the cache
             h.update(f"|{r}".encode())
     # Content, not size and mtime: a file rewritten with its old size and mtime is still noticed.
-    media = sorted({m.path for r in records for m in getattr(r, "media", [])})
+    media = sorted({m.path for r in records for m in getattr(r, "media", [])}
+                   | {r.speech for r in records if getattr(r, "speech", None) is not None})
     for p, digest in zip(media, file_digests(media)):
         h.update(f"|{p}|{digest}".encode())
     return h.hexdigest()[:20]
@@ -200,7 +202,9 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{path.stem}-", dir=root))
     try:
         proc_hash = save_processor(processor, work / "processor")
-        key = cache_key(recipe, path, records, proc_hash)
+        # target speech (voice training): its codes depend on the codec, which keys the cache too
+        speech = SpeechTargets(recipe) if any(getattr(r, "speech", None) for r in records) else None
+        key = cache_key(recipe, path, records, proc_hash + (f"|{speech.fingerprint}" if speech else ""))
         final = root / f"{path.stem}-{key}"
         problem = cache_problem(final, key)
         if problem is None:
@@ -209,7 +213,7 @@ def prepare_split(recipe: Recipe, processor, path: str | Path, console=None) -> 
         if final.exists():
             console.print(f"[yellow]{escape(str(final))}: {escape(problem)}; preparing it again[/yellow]")
         writer = ShardWriter(work / "out")
-        skipped = _render_all(recipe.data, processor, work / "processor", records, path, console, writer)
+        skipped = _render_all(recipe.data, processor, work / "processor", records, path, console, writer, speech)
         writer.finish(key, path, skipped=skipped,
                       **{k: writer.meta.get(k, []) for k in ("lines", "lengths", "trained", "modalities")})
         if final.exists():  # an invalid leftover (or another run's): never trusted, replace it
@@ -236,8 +240,9 @@ def remove_orphans(root: Path) -> None:
 
 
 def _render_all(data: DataConfig, processor, processor_dir: Path, records: list, path: Path, console,
-                writer: "ShardWriter") -> list[str]:
-    """Render valid records (in worker processes when worth it) into `writer` in file order; return the skipped."""
+                writer: "ShardWriter", speech: SpeechTargets | None = None) -> list[str]:
+    """Render valid records (in worker processes when worth it) into `writer` in file order; return the skipped.
+    `speech`: adds each record's target speech codes (here, in this process: the codec is loaded once)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     skipped: list[str] = []
@@ -264,6 +269,11 @@ def _render_all(data: DataConfig, processor, processor_dir: Path, records: list,
         ready[i] = result
         while written in ready:
             r = ready.pop(written)
+            if speech is not None and not isinstance(r, RecordError):
+                try:
+                    r = speech(todo[written], r)
+                except RecordError as e:
+                    r = e
             if isinstance(r, RecordError):
                 bad(r)
             else:

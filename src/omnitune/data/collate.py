@@ -64,6 +64,8 @@ class OmniCollator:
             if not self.packing:
                 batch["right_padded"] = True  # `_padded_tokens` pads at the end of each row
         batch.update(media_batch(samples))
+        if any("speech_codes" in s for s in samples):
+            batch.update(speech_batch(samples))
         batch["use_audio_in_video"] = any(bool(s.get("use_audio_in_video")) for s in samples)
         if self.layout is not None:
             batch.update(self.layout(batch))
@@ -137,6 +139,19 @@ def media_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if parts:
             batch[key] = torch.cat(parts)
     return batch
+
+
+def speech_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Target speech for the Talker (train/objectives.py `TalkerCodec`): `speech_codes` [B, T, G] zero-padded to
+    the longest, `speech_frames` [B] each sample's frames, `speakers` each sample's voice name (None: the recipe's)."""
+    missing = [i for i, s in enumerate(samples) if "speech_codes" not in s]
+    if missing:
+        raise ValueError(f"a speech batch holds {len(missing)} sample(s) without target speech")
+    frames = torch.tensor([s["speech_codes"].shape[0] for s in samples])
+    codes = torch.zeros((len(samples), int(frames.max()), samples[0]["speech_codes"].shape[1]), dtype=torch.long)
+    for b, s in enumerate(samples):
+        codes[b, :frames[b]] = s["speech_codes"]
+    return {"speech_codes": codes, "speech_frames": frames, "speakers": [s.get("speaker") for s in samples]}
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -45,9 +45,10 @@ class Video:
     audio: np.ndarray | None = None  # 16 kHz mono float32 of the audio track, when asked for and present
 
 
-def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
-    """Decode an audio file (or a video's audio track) to 16 kHz mono float32, whole; longer than max_seconds is
-    AudioTooLong, from the header before decoding where it says."""
+def load_audio(path: str | Path, max_seconds: float | None = None, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode an audio file (or a video's audio track) to mono float32 at `rate` (16 kHz, the audio tower's; the
+    Talker's codec takes 24 kHz), whole; longer than max_seconds is AudioTooLong, from the header before decoding
+    where it says."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"audio file not found: {path}")
@@ -60,7 +61,7 @@ def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray
         wav, sr = _pyav_audio(path, max_seconds)
     if wav is None:
         raise MediaError(f"no audio stream in {path}")
-    return _finish_audio(wav, sr, path)
+    return _finish_audio(wav, sr, path, rate)
 
 
 def audio_duration(path: Path) -> float | None:
@@ -137,13 +138,13 @@ def _check_decoded(path: Path, n_samples: int, rate: int, max_seconds: float | N
         raise AudioTooLong(path, max_seconds, at_least=True)
 
 
-def _finish_audio(wav: np.ndarray, sr: int, path: Path) -> np.ndarray:
+def _finish_audio(wav: np.ndarray, sr: int, path: Path, rate: int = SAMPLE_RATE) -> np.ndarray:
     if wav.size < sr // 100:
         raise MediaError(f"audio in {path} is shorter than 10 ms ({wav.size} samples at {sr} Hz)")
-    if sr != SAMPLE_RATE:
+    if sr != rate:
         import soxr
 
-        wav = soxr.resample(wav, sr, SAMPLE_RATE)
+        wav = soxr.resample(wav, sr, rate)
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     if not np.isfinite(wav).all():
         raise MediaError(f"audio in {path} has non-finite samples")

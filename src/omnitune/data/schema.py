@@ -10,6 +10,7 @@ bad bytes and absurd nesting included, becomes a `RecordError` that says `file:l
 from __future__ import annotations
 
 import json
+import re
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ class Record:
     line: int
     messages: list[dict[str, Any]]
     media: list[Media] = field(default_factory=list)
+    speech: Path | None = None  # the last assistant turn's target speech (voice training), resampled to 24 kHz
+    speaker: str | None = None  # its voice: an existing speaker or a new one (lower case)
 
     @property
     def n_assistant(self) -> int:
@@ -165,6 +168,7 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
     roots = [base] if media_roots is None else list(media_roots)
     messages: list[dict[str, Any]] = []
     media: list[Media] = []
+    speech: list[tuple[int, Path]] = []
     prev = None
     for i, turn in enumerate(turns):
         where = f"turn {i + 1}"
@@ -180,14 +184,28 @@ def validate_record(raw: Any, file: str | Path, line: int, variant: str = "instr
                        f"{prev or 'the start'}")
         # Several user turns in a row (a clip, then a question) render fine and are allowed.
         if role == "assistant":
-            messages.append(_assistant(turn, where, variant, fail))
+            messages.append(_assistant(turn, where, variant, fail, lambda ref, where=where: _media_path(
+                "audio", ref, where, base, roots, fail)))
+            if "speech" in messages[-1]:
+                speech.append((i, messages[-1].pop("speech")))
         else:
             content = _content(turn["content"], role, where, base, roots, media, fail)
             messages.append({"role": role, "content": content})
         prev = role
     if prev != "assistant" and (require_answer or prev != "user"):
         raise fail("the last turn must be an assistant turn: only assistant turns are trained")
-    return Record(str(file), line, messages, media)
+    early = [i for i, _ in speech if i != len(turns) - 1]
+    if early:
+        raise fail(f"turn {early[0] + 1}: target speech (an audio item in an assistant turn) belongs in the "
+                   "last assistant turn, the one the Talker speaks")
+    speaker = raw.get("speaker")
+    if speaker is not None and (not isinstance(speaker, str) or not _SPEAKER.fullmatch(speaker)):
+        raise fail(f"'speaker' must be a name of letters, digits, '_' or '-' (got {reprlib.repr(speaker)})")
+    return Record(str(file), line, messages, media, speech[-1][1] if speech else None,
+                  speaker.lower() if speaker else None)
+
+
+_SPEAKER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _content(content: Any, role: str, where: str, base: Path, roots: list, media: list[Media],
@@ -209,24 +227,29 @@ def _content(content: Any, role: str, where: str, base: Path, roots: list, media
             _check_reserved(item["text"], where, fail)
             items.append({"type": "text", "text": item["text"]})
             continue
-        ref = item.get(kind, item.get("path"))
-        if not isinstance(ref, str) or not ref:
-            raise fail(f"{where}: a {kind} item needs a file path in '{kind}'")
-        if "://" in ref:
-            raise fail(f"{where}: {kind} {ref!r} is a URL; download it and give a local path")
-        try:
-            p = confine(base / Path(ref).expanduser(), roots)
-            found = p.is_file()
-        except UnsafePathError as e:
-            raise fail(f"{where}: {kind} {e}; media must be files inside the data file's folder or a folder "
-                       "listed in data.media_roots") from None
-        except (OSError, RuntimeError) as e:  # a name too long for the file system, an unknown ~user
-            raise fail(f"{where}: {kind} {ref[:200]!r} cannot be used: {str(e)[:200]}") from None
-        if not found:
-            raise fail(f"{where}: {kind} file not found: {p}")
+        p = _media_path(kind, item.get(kind, item.get("path")), where, base, roots, fail)
         media.append(Media(kind, p))
         items.append({"type": kind, kind: str(p)})
     return items
+
+
+def _media_path(kind: str, ref: Any, where: str, base: Path, roots: list, fail) -> Path:
+    """The file a media item names, resolved inside the allowed roots, or a RecordError saying why not."""
+    if not isinstance(ref, str) or not ref:
+        raise fail(f"{where}: a {kind} item needs a file path in '{kind}'")
+    if "://" in ref:
+        raise fail(f"{where}: {kind} {ref!r} is a URL; download it and give a local path")
+    try:
+        p = confine(base / Path(ref).expanduser(), roots)
+        found = p.is_file()
+    except UnsafePathError as e:
+        raise fail(f"{where}: {kind} {e}; media must be files inside the data file's folder or a folder "
+                   "listed in data.media_roots") from None
+    except (OSError, RuntimeError) as e:  # a name too long for the file system, an unknown ~user
+        raise fail(f"{where}: {kind} {ref[:200]!r} cannot be used: {str(e)[:200]}") from None
+    if not found:
+        raise fail(f"{where}: {kind} file not found: {p}")
+    return p
 
 
 def confine(path: str | Path, roots: Sequence[str | Path]) -> Path:
@@ -251,18 +274,23 @@ def _check_reserved(text: str, where: str, fail) -> None:
             raise fail(f"{where}: text contains the reserved token {tok}; use a media item instead")
 
 
-def _assistant(turn: dict, where: str, variant: str, fail) -> dict[str, Any]:
+def _assistant(turn: dict, where: str, variant: str, fail, speech_path) -> dict[str, Any]:
+    """The assistant message for the chat template; an audio item (its target speech, `speech_path` resolves it)
+    comes back under "speech"."""
     content = turn["content"]
+    speech = None
     if isinstance(content, list):
         parts = []
         for item in content:
             kind = item.get("type") if isinstance(item, dict) else None
             if kind == "audio":
-                raise fail(f"{where}: audio in an assistant turn is not supported yet (voice training); "
-                           "assistant turns are text only")
+                if speech is not None:
+                    raise fail(f"{where}: an assistant turn holds one target speech file, not several")
+                speech = speech_path(item.get("audio", item.get("path")))
+                continue
             if kind != "text":
                 raise fail(f"{where}: unsupported content type {reprlib.repr(kind)} in an assistant turn "
-                           "(assistant turns are text only)")
+                           "(assistant turns hold text and, for voice training, one audio item: the speech)")
             if not isinstance(item.get("text"), str):
                 raise fail(f"{where}: a text item needs a string 'text'")
             parts.append(item["text"])
@@ -293,4 +321,6 @@ def _assistant(turn: dict, where: str, variant: str, fail) -> dict[str, Any]:
     msg: dict[str, Any] = {"role": "assistant", "content": text}
     if reasoning:
         msg["reasoning_content"] = reasoning
+    if speech is not None:
+        msg["speech"] = speech
     return msg

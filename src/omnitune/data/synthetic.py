@@ -125,3 +125,30 @@ def make_demo_dataset(out_dir: str | Path, n_train: int = 96, n_eval: int = 24, 
                 f.write(json.dumps(make_record(offset + i, rng, media_dir)) + "\n")
         paths.append(path)
     return paths[0], paths[1]
+
+
+VOICE = "demo_voice"  # the new speaker the demo's voice step teaches the Talker
+
+
+def make_voice_dataset(out_dir: str | Path, n_train: int = 8, n_eval: int = 4,
+                       seed: int = 0) -> tuple[Path, Path]:
+    """Voice-training data for the demo: a colour question answered in text and in 'speech' by a new speaker (a
+    24 kHz tone at the colour's pitch, the same voice in every reply); returns train.jsonl and eval.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    paths = []
+    for name, n, offset in (("train", n_train, 0), ("eval", n_eval, n_train)):
+        lines = []
+        for i in range(offset, offset + n):
+            colour = names[i % len(names)]
+            write_wav(out / f"reply{i:03d}.wav", tone(PITCH_HZ[colour] / 2, 0.8, rng, rate=24000), rate=24000)
+            lines.append(json.dumps({"speaker": VOICE, "conversations": [
+                {"role": "user", "content": "Which colour do you like?"},
+                {"role": "assistant", "content": [{"type": "text", "text": f"I like {colour}."},
+                                                  {"type": "audio", "audio": f"reply{i:03d}.wav"}]}]}))
+        path = out / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]

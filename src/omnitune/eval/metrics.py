@@ -268,7 +268,7 @@ def mean_of(samples: Iterable[dict], keys: Iterable[str]) -> dict[str, float]:
     return {k: sum(float(s[k]) for s in samples) / max(len(samples), 1) for k in keys}
 
 
-TASKS = ("asr", "caption", "mcq", "qa", "free")
+TASKS = ("asr", "caption", "mcq", "qa", "free", "speech", "voice")
 
 
 def sample_scores(task: str, prediction: str, reference: str, prompt: str = "") -> dict:
@@ -298,4 +298,5 @@ def corpus_scores(task: str, predictions: list[str], references: list[str], samp
 
 
 # Which direction is better, for the report's delta column.
-HIGHER_IS_BETTER = {"wer": False, "cer": False, "loss": False, "perplexity": False, "unparsed": False}
+HIGHER_IS_BETTER = {"wer": False, "cer": False, "loss": False, "perplexity": False, "unparsed": False,
+                    "ce": False}

@@ -65,7 +65,7 @@ def scores_table(report: EvalReport):
 
 def _headline(report: EvalReport) -> list[str]:
     scores = next(iter(report.results.values())).scores
-    return [k for k in scores if not k.endswith("samples") and k != "tokens"]
+    return [k for k in scores if not k.endswith("samples") and k not in ("tokens", "frames")]
 
 
 def _fmt(v: float) -> str:
@@ -88,6 +88,8 @@ def markdown(report: EvalReport, images: dict[str, str]) -> str:
             better = (delta > 0) == HIGHER_IS_BETTER.get(k.split("_")[-1], True) if delta else None
             row += f" {delta:+.4f}{'' if better is None else (' (better)' if better else ' (worse)')} |"
         lines.append(row)
+    notes = sorted({n for res in report.results.values() for n in res.notes})
+    lines += [""] + [f"Note: {n}" for n in notes]
     lines += ["", "Speed: " + ", ".join(f"{label} {res.samples_per_s:.2f} samples/s ({res.seconds:.1f} s)"
                                         for label, res in report.results.items()), ""]
     for name in ("training_curves", "scores"):
@@ -95,7 +97,7 @@ def markdown(report: EvalReport, images: dict[str, str]) -> str:
             lines += [f"![{name}]({images[name]})", ""]
     if report.bad:
         lines += ["## Records left out", ""] + [f"- `{e.file}:{e.line}`: {e.reason}" for e in report.bad] + [""]
-    if report.task != "free" and report.records:
+    if report.task not in ("free", "speech") and report.records:
         lines += ["## Examples", ""]
         preds = predictions_json(report)["samples"][:EXAMPLES_IN_REPORT]
         for s in preds:

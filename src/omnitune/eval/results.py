@@ -16,6 +16,7 @@ class ModelResult:
     scores: dict[str, float]
     samples: list[dict[str, Any]]  # per record: prediction (or loss) and its scores, in eval-file order
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what a score could not be computed from, said in words
 
     @property
     def samples_per_s(self) -> float:

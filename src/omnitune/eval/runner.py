@@ -27,7 +27,7 @@ from omnitune.errors import OmnituneError
 from omnitune.infer import collate_prompts, split_thinking
 from omnitune.model import parts
 from omnitune.model.source import Source, apply_weights, load_generation_processor, load_model, resolve_source
-from omnitune.recipe import DataConfig, Recipe
+from omnitune.recipe import DataConfig, Recipe, TalkerConfig
 from omnitune.tokens import IGNORE_INDEX, IM_END, pad_id
 from omnitune.train.loss import token_losses as per_token_ce
 
@@ -148,8 +148,19 @@ def record_losses(model: torch.nn.Module, processor, records: list[Record], data
 
 
 def _score_model(label: str, task: str, model, processor, records: list[Record], data: DataConfig,
-                 batch_size: int, max_new_tokens: int, bad: list[RecordError] | None) -> ModelResult:
+                 batch_size: int, max_new_tokens: int, bad: list[RecordError] | None,
+                 src: Source | None = None, speaker_model: str | None = None) -> ModelResult:
     start = time.time()
+    if task == "speech":
+        from omnitune.data.speech import SpeechTargets
+        from omnitune.eval.speech import score_speech
+
+        targets = SpeechTargets(Recipe(model=src.model, data=data, talker=src.talker))
+        return score_speech(label, model, processor, records, data, targets, src.talker, bad)
+    if task == "voice":
+        from omnitune.eval.voice import score_voice
+
+        return score_voice(label, model, processor, records, data, src.talker, bad, max_new_tokens, speaker_model)
     if task == "free":
         rows = record_losses(model, processor, records, data, batch_size, bad, desc=label)
         samples = [{"key": (r.file, r.line), "loss": s / max(n, 1), "tokens": n,
@@ -177,12 +188,18 @@ def _score_model(label: str, task: str, model, processor, records: list[Record],
 def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: str,
              adapter: str | Path | None = None, compare_base: bool = False, batch_size: int = 8,
              max_new_tokens: int = 256, out_dir: str | Path | None = None, limit: int | None = None,
-             on_error: str | None = None, dtype: str | None = None, write: bool = True) -> EvalReport:
+             on_error: str | None = None, dtype: str | None = None, write: bool = True,
+             codec: str | None = None, speaker_model: str | None = None) -> EvalReport:
     """Evaluate a run dir / recipe (+ adapter) / checkpoint on an eval JSONL; write predictions.json, report.md
-    and plots to `out_dir` (default: RUN/eval/<task>-<file stem>, or ./eval/<task>-<file stem>)."""
+    and plots to `out_dir` (default: RUN/eval/<task>-<file stem>, or ./eval/<task>-<file stem>). `codec`: for
+    task speech, the codec of the target speech (default: the recipe's talker.codec). `speaker_model`: for task
+    voice, a local SpeechBrain ECAPA model for speaker similarity (eval/voice.py)."""
     if task not in metrics.TASKS:
         raise EvalError(f"unknown task {task!r}; tasks: {', '.join(metrics.TASKS)}")
     src = resolve_source(source, adapter=adapter, dtype=dtype)
+    if codec is not None:
+        src.talker = TalkerConfig(**{**src.talker.model_dump(), "codec": codec})
+    speech = task in ("speech", "voice")  # the full model: the Talker is what is scored
     eval_path = Path(eval_file) if eval_file is not None else (
         Path(src.data.eval) if src.data.eval else None)
     if eval_path is None:
@@ -210,17 +227,19 @@ def evaluate(source: str | Path | Recipe, eval_file: str | Path | None, task: st
     render_bad: list[RecordError] = []
     # base vs a LoRA: load the base once, score it, then merge the adapter into it (one load of ~60 GB, not two)
     merge_into_base = (compare_base and src.weights is not None and src.weights[0] != "model"
-                       and not src.nf4_experts)  # NF4 experts take no merge: each model loads as it trained
+                       and not src.nf4_experts  # NF4 experts take no merge: each model loads as it trained
+                       and not speech)  # the full model: load_model puts the training where it belongs
     model = None
     for label, s in runs:
         if model is not None and merge_into_base:
             model = apply_weights(model, s, merge=True).eval()
         else:
-            model = load_model(s, speech=False, device_map={"": 0} if torch.cuda.is_available() else None)
+            model = load_model(s, speech=speech, device_map={"": 0} if torch.cuda.is_available() else None)
         errors: list[RecordError] = []
         try:
             results[label] = _score_model(label, task, model, processor, records, src.data, batch_size,
-                                          max_new_tokens, errors if on_error == "skip" else None)
+                                          max_new_tokens, errors if on_error == "skip" else None, src,
+                                          speaker_model)
         except RecordError as e:
             raise EvalError(f"{e}\n(data.on_error=fail: fix the record, or pass on_error='skip' "
                             "(--set data.on_error=skip) to score the rest)") from None

@@ -17,10 +17,12 @@ from omnitune.recipe import AdapterConfig
 
 
 def build_for_training(thinker: nn.Module, adapter: AdapterConfig, fast_paths: bool, device: str,
-                       report: Callable[[str], object] = print, offload_experts: bool = False) -> nn.Module:
-    """Adapters (LoRA / QLoRA / full) on `thinker`; QLoRA's experts quantized onto `device` (or, with
-    `offload_experts`, into pinned host memory, streamed to `device` per layer); with `fast_paths` the experts and
-    linear LoRA through the fused kernels and, on CUDA, the fused norms, rotary and router."""
+                       report: Callable[[str], object] = print, offload_experts: bool = False,
+                       stack: str = "text") -> nn.Module:
+    """Adapters (LoRA / QLoRA / full) on `thinker` (or the full model, for the Talker); QLoRA's experts quantized
+    onto `device` (or, with `offload_experts`, into pinned host memory, streamed to `device` per layer); with
+    `fast_paths` the experts and linear LoRA through the fused kernels and, on CUDA, the fused norms, rotary and
+    router on the decoder stack that trains (`stack`: "text", the Thinker's; "talker")."""
     model = apply_adapters(thinker, adapter)
     if adapter.method != "full" and adapter.lora_dtype == "bfloat16":
         cast_lora_(model, torch.bfloat16)
@@ -35,7 +37,7 @@ def build_for_training(thinker: nn.Module, adapter: AdapterConfig, fast_paths: b
         if adapter.method != "full":
             report(f"fast LoRA paths: {kernels.enable_fast_lora(model)}")
         if torch.device(device).type == "cuda":
-            text = parts.stack_model(model, "text")  # the decoder stack that trains
+            text = parts.stack_model(model, stack)  # the decoder stack that trains
             kernels.enable_fused_norms(text)
             kernels.enable_fused_rope()
             kernels.enable_fused_router(text)

@@ -126,6 +126,10 @@ TALKER = PartsMap(
         Part("codec_embedding", ("model.codec_embedding",), about="codec-0 and speaker embeddings"),
         Part("codec_head", ("codec_head",), about="the codebook-0 head"),
         Part("code_predictor", ("code_predictor",), about="the model that predicts codebooks 1..15", component=True),
+        Part("code_predictor_heads", ("code_predictor.lm_head",), about="the code predictor's heads, one per "
+             "codebook 1..15"),
+        Part("code_predictor_embedding", ("code_predictor.model.codec_embedding",),
+             about="the code predictor's embeddings of codebooks 1..15"),
         Part("code_predictor_attention", tuple(_CODE_PREDICTOR.layer_path(a) for a in _CODE_PREDICTOR.attention),
              about="LoRA on q/k/v/o of the code predictor's layers"),
     ]},

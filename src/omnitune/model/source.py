@@ -17,7 +17,8 @@ import torch
 from omnitune.errors import OmnituneError
 from omnitune.model.adapters import load_adapter
 from omnitune.model.load import load_full, load_processor, load_thinker, resolve_model_path
-from omnitune.recipe import PRESETS, DataConfig, ModelConfig, Recipe, load_recipe
+from omnitune.model.speakers import load_speakers
+from omnitune.recipe import PRESETS, DataConfig, ModelConfig, Recipe, TalkerConfig, load_recipe
 from omnitune.run_dir import RunDir
 
 
@@ -37,6 +38,10 @@ class Source:
     processor_dir: Path | None = None
     label: str = ""
     nf4_experts: bool = False  # a QLoRA run: generate text with its Thinker as it trained (model/qlora.py)
+    trains_talker: bool = False  # a voice run (train.objective=talker_codec): its adapter is the full model's
+    speakers: Path | None = None  # a voice run's speaker table (RunDir.speakers): new voices by name
+    talker: TalkerConfig = field(default_factory=TalkerConfig)  # the codec of target speech (eval --task speech)
+    talker_weights: Path | None = None  # talker.preserve_speech: the Talker LoRA for the tuned Thinker
 
     @property
     def variant(self) -> str:
@@ -63,12 +68,15 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
                    dtype: str | None = None, variant: str | None = None) -> Source:
     """A run dir, recipe (file, preset or object), or checkpoint (dir, hub id, `tiny`) -> Source."""
     processor_dir = None
+    speakers = talker_weights = None
     if isinstance(source, Recipe):
         recipe, weights, label = source, None, source.name
     elif (Path(str(source)) / "recipe.yaml").exists():
         run = RunDir(Path(str(source)))
         recipe, weights, label = run.recipe(), run.weights(), str(source)
         processor_dir = run.processor if (run.processor / "tokenizer_config.json").exists() else None
+        speakers = run.speakers if run.speakers.is_file() else None
+        talker_weights = run.talker_adapter if (run.talker_adapter / "adapter_config.json").is_file() else None
     elif _is_recipe(str(source)):
         recipe, weights, label = load_recipe(str(source)), None, str(source)
     else:
@@ -85,12 +93,19 @@ def resolve_source(source: str | Path | Recipe, adapter: str | Path | None = Non
         run_proc = Path(adapter) / "processor"
         if (run_proc / "tokenizer_config.json").exists():
             processor_dir = run_proc
+        if (Path(adapter) / "recipe.yaml").exists():  # a run directory: what it trained decides how it applies
+            adapter_run = RunDir(Path(adapter))
+            trained = adapter_run.recipe()
+            recipe = recipe.model_copy(update={"train": trained.train, "talker": trained.talker})
+            speakers = adapter_run.speakers if adapter_run.speakers.is_file() else None
     model = recipe.model.model_copy(update={k: v for k, v in (("dtype", dtype), ("variant", variant)) if v})
     # Data paths in a recipe are relative to its file: make them absolute while the recipe still knows where.
     data = recipe.data.model_copy(update={k: str(recipe.resolve(getattr(recipe.data, k)))
                                           for k in ("train", "eval") if getattr(recipe.data, k)})
     return Source(model=model, data=data, weights=weights, processor_dir=processor_dir, label=label,
-                  nf4_experts=recipe.adapter.method == "qlora")
+                  nf4_experts=recipe.adapter.method == "qlora",
+                  trains_talker=recipe.train.objective == "talker_codec", speakers=speakers, talker=recipe.talker,
+                  talker_weights=talker_weights)
 
 
 def load_generation_processor(src: Source):
@@ -135,14 +150,26 @@ def apply_weights(thinker: torch.nn.Module, src: Source, merge: bool) -> torch.n
     return peft.merge_and_unload() if merge else peft
 
 
-def with_trained_thinker(full: torch.nn.Module, src: Source, device_map: str | dict | None = None) -> torch.nn.Module:
-    """`full` (the top-level model) with the source's trained Thinker: a full fine-tune's replaces the base one,
-    a LoRA is merged into it."""
+def with_trained_weights(full: torch.nn.Module, src: Source, device_map: str | dict | None = None) -> torch.nn.Module:
+    """`full` (the top-level model) with the source's training in it: a full fine-tune's Thinker replaces the base
+    one, a Thinker LoRA is merged into it; a voice run's adapter (on the full model: Talker LoRA, codec embedding)
+    is merged into `full` and its new speakers named in the config."""
+    if src.trains_talker and src.weights:
+        if not getattr(full, "has_talker", False):
+            raise SourceError(f"{src.label} trained the Talker: a model without one (thinker-only) cannot take it")
+        if src.weights[0] != "adapter":
+            raise SourceError(f"{src.label}: a voice run's weights are an adapter, found {src.weights[1]}")
+        merged = _adapter(full, src.weights[1]).merge_and_unload()
+        if src.speakers is not None:
+            load_speakers(merged, src.speakers)
+        return merged
     if src.weights and src.weights[0] == "model":
         del full.thinker  # free the base Thinker before loading the fine-tuned one
         full.thinker = _trained_thinker(src, device_map)
     elif src.weights:
         full.thinker = apply_weights(full.thinker, src, merge=True)
+    if src.talker_weights is not None and getattr(full, "has_talker", False):
+        full = _adapter(full, src.talker_weights).merge_and_unload()  # after the Thinker it was trained with
     return full
 
 
@@ -153,6 +180,8 @@ def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | 
     Thinker of the full model. A QLoRA run's Thinker (text only) keeps its NF4 experts and the adapter unmerged.
     """
     weights = src.weights
+    if src.trains_talker and not speech:
+        weights = None  # a voice run changed the Talker only: its text is the base Thinker's
     if not speech and src.nf4_experts:
         device = "cuda:0" if device_map is not None and torch.cuda.is_available() else "cpu"
         return _quantized_thinker(src, device).eval()
@@ -162,8 +191,7 @@ def load_model(src: Source, speech: bool, merge: bool = True, device_map: str | 
         thinker = load_thinker(src.model, device_map=device_map)
         return (apply_weights(thinker, src, merge) if weights else thinker).eval()
     full = _speaking(load_full(src.model, device_map=device_map), src)
-    with_trained_thinker(full, src, device_map)
-    return full.eval()
+    return with_trained_weights(full, src, device_map).eval()
 
 
 def _speaking(full: torch.nn.Module, src: Source) -> torch.nn.Module:

@@ -9,8 +9,8 @@ An objective has three duties:
 - `graphed_step(model, params, bucket)`: the micro-step as a replayable CUDA graph, or None where the objective
   has none (the trainer then runs it eagerly).
 
-`ThinkerLM` (the Thinker's next-token loss) is the one objective today; the Talker's codec objective is added next
-to it without touching the trainer.
+`ThinkerLM` (the Thinker's next-token loss) and `TalkerCodec` (the Talker learns target speech, teacher-forced on
+the frozen Thinker) are the objectives; the recipe's `train.objective` picks one (train/plan.py).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch import nn
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
 from omnitune.data.collate import HOST_KEYS
+from omnitune.errors import OmnituneError
 from omnitune.model import parts
 from omnitune.model.encoded_inputs import forward_inputs
 from omnitune.tokens import IGNORE_INDEX
@@ -72,7 +73,7 @@ class ThinkerLM:
     def loss_and_outputs(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
                          micro_steps: int = 1) -> tuple[torch.Tensor, Any]:
         """The loss and the Thinker backbone's outputs (hidden states, router logits) it was computed from."""
-        inputs = {k: v for k, v in batch.items() if k not in HOST_KEYS}
+        inputs = {k: v for k, v in batch.items() if k not in HOST_KEYS and k not in TALKER_KEYS}
         labels = inputs.pop("labels")
         sample_weight = inputs.pop("sample_weight", None)
         thinker, backbone, head = self._resolve(model)
@@ -96,6 +97,68 @@ class ThinkerLM:
         from omnitune.train.graphed_step import GraphedTrainStep
 
         return GraphedTrainStep(parts.thinker_of(model), params, bucket=bucket)
+
+
+class TalkerCodec:
+    """The Talker's speech loss, teacher-forced exactly as generate() runs it (model/talker_inputs.py): the frozen
+    Thinker's token embeddings and layer-k states for the same conversation (no gradient), then the Talker and its
+    code predictor in one pass each. Per frame: CE(codebook 0, the end of speech included) + `code_predictor_weight`
+    x the mean CE of the code predictor's codebooks 1..15; summed and divided by the frames (+1 end of speech per
+    sample) of the whole optimizer step. `speaker_ids`: name -> codec-embedding row (model/speakers.py)."""
+
+    name = "talker_codec"
+
+    def __init__(self, speaker_ids: dict[str, int], default_speaker: str, code_predictor_weight: float = 0.3):
+        self.speaker_ids = speaker_ids
+        self.default_speaker = default_speaker
+        self.code_predictor_weight = code_predictor_weight
+
+    def count(self, batch: dict[str, Any]) -> torch.Tensor | int:
+        """Codebook-0 targets: every frame and each sample's end of speech (`speech_frames` is a host tensor)."""
+        if "speech_frames" not in batch:
+            return 0  # `sums` says what is wrong
+        return int(batch["speech_frames"].sum()) + len(batch["speech_frames"])
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
+             micro_steps: int = 1) -> torch.Tensor:
+        ce0, ce_cp = self.sums(model, batch)
+        items = num_items if model.training and num_items is not None else self.count(batch)
+        return (ce0 + self.code_predictor_weight * ce_cp) / items
+
+    def sums(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codebook-0 CE summed over the batch's frames and ends of speech, code-predictor CE summed over its
+        frames, each frame's averaged over the codebooks), fp32 (model/talker_inputs.py `talker_losses`)."""
+        from omnitune.model.talker_inputs import build_talker_inputs, talker_forward, talker_losses
+
+        if "speech_frames" not in batch:
+            raise OmnituneError("train.objective=talker_codec: a batch without target speech; give each record's "
+                             "last assistant turn its speech as an audio item")
+        base = parts.unwrap(model)
+        inputs = {k: v for k, v in batch.items() if k not in HOST_KEYS and k not in TALKER_KEYS}
+        inputs.pop("labels", None)
+        inputs.pop("sample_weight", None)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        with torch.no_grad():
+            states = parts.module(base.thinker, "backbone")(**inputs, output_hidden_states=True,
+                                                            use_cache=False).hidden_states
+        layer = base.config.talker_config.accept_hidden_layer
+        frames = batch["speech_frames"].tolist()
+        codes = [c[:t] for c, t in zip(batch["speech_codes"], frames)]
+        talker_inputs = build_talker_inputs(base, ids, mask, states[0].detach(), states[layer].detach(), codes,
+                                            [self.speaker_ids[s or self.default_speaker] for s in batch["speakers"]])
+        fmask = inputs.get("feature_attention_mask")
+        media = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "video_second_per_grid",
+                                        "use_audio_in_video") if k in inputs}
+        if fmask is not None:
+            media["audio_feature_lengths"] = fmask.sum(-1)
+        return talker_losses(talker_forward(base.talker, talker_inputs, media), talker_inputs)
+
+    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int):
+        return None  # the Talker's sequence length follows the speech: no fixed shapes to capture
+
+
+# What a speech batch carries for TalkerCodec beside the Thinker's inputs (data/collate.py).
+TALKER_KEYS = ("speech_codes", "speech_frames", "speakers")
 
 
 def packed_position_ids(backbone: nn.Module, batch: dict, seq_lengths: torch.Tensor, image_counts: torch.Tensor,

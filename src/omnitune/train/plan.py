@@ -149,6 +149,11 @@ def trains_an_encoder(recipe: Recipe) -> bool:
 def _encoder_cache(recipe: Recipe) -> tuple[bool, str]:
     """(on, why): on by default when every tower weight is frozen; asking for it with a training tower is an error."""
     asked = recipe.data.encoder_cache
+    if recipe.train.objective != "thinker_lm":
+        if asked:
+            raise RecipeError(f"data.encoder_cache=true is for train.objective=thinker_lm, not "
+                              f"{recipe.train.objective}: set data.encoder_cache=false")
+        return False, f"train.objective={recipe.train.objective} runs the whole frozen Thinker itself"
     if trains_an_encoder(recipe):
         if asked:
             raise RecipeError("data.encoder_cache=true needs the audio/vision towers frozen, but the adapter trains "
@@ -172,6 +177,8 @@ def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> s
     t, a = recipe.train, recipe.adapter
     if not t.cuda_graphs:
         return "train.cuda_graphs=false"
+    if t.objective != "thinker_lm":
+        return f"train.objective={t.objective} runs eagerly (its sequence length follows the speech)"
     if hw.device != "cuda":
         return "no CUDA device"
     if not fast:
@@ -199,9 +206,10 @@ def _why_no_graphs(recipe: Recipe, hw: Hardware, fast: bool, strategy: str) -> s
     return None
 
 
-def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str = "thinker_lm") -> TrainingPlan:
+def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str | None = None) -> TrainingPlan:
     """Decide every switch of a run from the recipe and the hardware (module docstring)."""
     hw = hardware or Hardware.detect()
+    objective = objective or recipe.train.objective
     t = recipe.train
     strategy = "single" if recipe.distributed.strategy == "none" else recipe.distributed.strategy
     if hw.world_size > 1 and strategy == "single":
@@ -258,7 +266,7 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str =
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
         uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
         preserve_rng_state=not graphs, packing=recipe.data.packing, micro_batch_tokens=tokens,
-        router_trains=trains_router(recipe), unused_parameters=trains_a_tower(recipe),
+        router_trains=trains_router(recipe) and objective == "thinker_lm", unused_parameters=trains_a_tower(recipe),
         group_by_length=_group_by_length(recipe), encoder_cache=cached, encoder_cache_why=cached_why,
         notes=tuple(notes))
 

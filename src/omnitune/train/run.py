@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from omnitune.errors import OmnituneError
 from omnitune.model import parts
 from omnitune.model.adapters import check_adapter_config, trainable_summary
 from omnitune.model.build import build_for_training
-from omnitune.model.load import load_processor, load_thinker
+from omnitune.model.load import load_full, load_processor, load_thinker
+from omnitune.model.speakers import add_speakers, save_speakers
 from omnitune.recipe import Recipe, RecipeError
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
@@ -29,7 +31,7 @@ from omnitune.train.distributed import (ShardReport, deepspeed_config, engine_ba
 from omnitune.train.guard import NonFiniteGuard
 from omnitune.train.host_layout import HostLayout
 from omnitune.train.memory import MemoryEstimate, check_fits
-from omnitune.train.objectives import ThinkerLM
+from omnitune.train.objectives import TalkerCodec, ThinkerLM
 from omnitune.train.plan import TrainingPlan, make_plan
 from omnitune.train.resume import CheckpointError, resumable_checkpoint
 from omnitune.train.trainer import OmniTrainer
@@ -153,6 +155,8 @@ def enable_selective_checkpointing(model: torch.nn.Module, plan: TrainingPlan) -
         "context_fn": selective_checkpoint_context()})
 
 
+FULL_MODEL = "Qwen3OmniMoeForConditionalGeneration"
+
 # Sections a resumed run may change: how long and how it trains and logs, not what it trains on or adapts.
 RESUMABLE_CHANGES = ("train", "log", "name")
 RESUMABLE_KEYS = ("data.workers", "data.cache_dir")  # where and how fast data is prepared, not what it is
@@ -176,12 +180,14 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     """Train as the recipe says; with `resume`, continue from the newest checkpoint of the same run.
 
     `thinker`: a model already built (bench/bench_train.py passes random weights at the real widths, which no
-    checkpoint on disk holds); everything else, from the plan to the optimizer, is what `omnitune train` runs."""
+    checkpoint on disk holds; for train.objective=talker_codec the full model, bench/bench_talker.py); everything
+    else, from the plan to the optimizer, is what `omnitune train` runs."""
     from omnitune.data.cache import load_or_prepare
     from omnitune.data.collate import OmniCollator
 
     plan = make_plan(recipe)
-    check_adapter_config(recipe.adapter, "Qwen3OmniMoeThinkerForConditionalGeneration")
+    speaks = plan.objective == "talker_codec"  # the Talker trains: the full model, the Thinker frozen inside it
+    check_adapter_config(recipe.adapter, FULL_MODEL if speaks else "Qwen3OmniMoeThinkerForConditionalGeneration")
     # joins the process group under torchrun (a no-op for one process), as the Trainer will ask for it
     state = process_state(plan)
     console = console or Console()
@@ -202,8 +208,12 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if state.is_main_process:
         run.save_recipe(recipe)
     console.print("[bold]plan[/bold]\n  " + "\n  ".join(plan.lines()), highlight=False)
-    memory = check_fits(recipe, plan, config=thinker.config if thinker is not None else None, model=thinker,
-                        report=lambda line: console.print("  " + line, highlight=False))
+    if speaks:  # train/memory.py models the Thinker's training; the Talker's is small beside the frozen Thinker
+        memory = None
+        console.print("  memory estimate: not modelled for train.objective=talker_codec", highlight=False)
+    else:
+        memory = check_fits(recipe, plan, config=thinker.config if thinker is not None else None, model=thinker,
+                            report=lambda line: console.print("  " + line, highlight=False))
 
     with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
         processor = load_processor(recipe.model)
@@ -215,15 +225,18 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         # QLoRA loads on the host and quantizes the experts onto the GPU one module at a time: the bf16 experts
         # (~54 GiB for the real Thinker) never have to fit on the card
         on_device = plan.hardware.device == "cuda" and recipe.adapter.method != "qlora"
-        thinker = load_thinker(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
+        load = load_full if speaks else load_thinker
+        thinker = load(recipe.model, device_map={"": plan.hardware.device_str} if on_device else None)
     if plan.encoder_cache:  # the frozen towers run once here; training reads their stored outputs
         from omnitune.data.encoder_cache import with_encoder_outputs
 
         with state.main_process_first():  # one process encodes, the others find its outputs
             train_ds, eval_ds = with_encoder_outputs([train_ds, eval_ds], thinker, plan.hardware.device_str, console)
+    speakers = add_speakers(thinker, dataset_speakers(train_ds), recipe.talker.new_speaker_init) if speaks else {}
     adapter = recipe.adapter.model_copy(update={"lora_dtype": plan.lora_dtype})  # the plan may keep LoRA fp32
     model = build_for_training(thinker, adapter, fast_paths=plan.fast_paths, device=plan.hardware.device_str,
-                               report=console.print, offload_experts=plan.offload_experts)
+                               report=console.print, offload_experts=plan.offload_experts,
+                               stack="talker" if speaks else "text")
     if plan.encoder_cache and plan.towers_on_host:
         from omnitune.data.encoder_cache import towers_to_host
 
@@ -246,7 +259,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     if recipe.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs))))
-    objective = ThinkerLM(router_aux_coef(recipe, thinker), chunked=plan.loss == "chunked")
+    objective = (TalkerCodec(speakers, recipe.talker.speaker, recipe.talker.code_predictor_weight) if speaks else
+                 ThinkerLM(router_aux_coef(recipe, thinker), chunked=plan.loss == "chunked"))
     guard = NonFiniteGuard(recipe.train.nonfinite_patience, args.device, recipe.train.lr, report=console.print)
     trainer = OmniTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, objective=objective, plan=plan,
@@ -278,6 +292,16 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
     weights = full_trained_state(model, plan, trainable_only=not full)  # None where every process holds them
     if state.is_main_process:
         save_final(model, processor, run, full=full, state_dict=weights)
+        if speaks:
+            save_speakers(speakers, run.speakers)
+        if recipe.talker.preserve_speech:
+            from omnitune.train.speech_preserve import preserve_speech
+
+            del trainer, model, thinker  # the Thinker adapter is on disk: one full model in memory from here
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            preserve_speech(recipe, plan, train_ds, eval_ds, processor, report=console.print)
     state.wait_for_everyone()
     train_loss = metrics.run_loss() if state.is_main_process else None
     train_loss = out.training_loss if train_loss is None else train_loss
@@ -285,6 +309,11 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
                   "steps)" + (f", eval loss {eval_loss:.4f} (modality-weighted, over the eval set)"
                               if eval_loss is not None else "") + f" -> {run.root}")
     return TrainResult(run, out.global_step, train_loss, eval_loss, plan, memory)
+
+
+def dataset_speakers(dataset) -> list[str]:
+    """The voices a speech dataset names (records without `speaker` speak as talker.speaker)."""
+    return sorted({s["speaker"] for s in (dataset[i] for i in range(len(dataset))) if s.get("speaker")})
 
 
 def final_eval_loss(trainer: OmniTrainer) -> float:
