@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_train import StepClock
+from bench_train import StepClock, write_profile
 from common import build_on_device, thinker_config
 
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
@@ -140,7 +140,7 @@ def child(name: str, overrides: list[str], args) -> dict:
     cfg = full_config(args.thinker_layers)
     path = model_dir(work, cfg)
     common = [*BASE, *RUNS.get(name, []), *overrides, f"model.path={path}", f"output_dir={work / 'run'}",
-              f"train.max_steps={args.steps}"]
+              f"train.max_steps={args.steps + (StepClock.PROFILED_STEPS if args.profile else 0)}"]
     processor = load_processor(load_recipe("voice", common).model)
     data = write_speech_data(work, processor.tokenizer, args.records, args.prompt, args.answer, args.seconds, 0)
     longest = 4 * (args.prompt + args.answer) + 64  # tokens: a word is one to a few
@@ -154,7 +154,7 @@ def child(name: str, overrides: list[str], args) -> dict:
         register_experts_implementation("omnitune")
     model.set_experts_implementation(recipe.model.experts)
     build_s = time.time() - t0
-    clock = StepClock(args.warmup, args.steps)
+    clock = StepClock(args.warmup, args.steps, args.profile, label=f"_talker_{name}")
     original = train_run.OmniTrainer.__init__
     train_run.save_final = lambda *a, **k: None  # after the timed steps: writing the adapter measures disks
 
@@ -175,13 +175,15 @@ def child(name: str, overrides: list[str], args) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0,
                 build_s=build_s, plan=result.plan.lines(), rank=recipe.adapter.rank,
                 trainable=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-                talker_layers=TALKER["num_hidden_layers"])
+                talker_layers=TALKER["num_hidden_layers"], profile=clock.profile_result)
 
 
 def spawn(name: str, overrides: list[str], args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, *[a for o in overrides for a in ("--set", o)]]
     for key in ("thinker_layers", "steps", "warmup", "records", "prompt", "answer", "seconds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.profile:
+        cmd.append("--profile")
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -225,6 +227,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds of speech per answer")
     ap.add_argument("--set", action="append", default=[], help="recipe override for every run")
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 3 more steps of each run: profile_talker_RUN.txt (host and GPU op tables), trace")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.set, args)), flush=True)
@@ -240,6 +244,7 @@ def main() -> None:
     results = []
     for name in args.runs.split(","):
         results.append(spawn(name, args.set, args))
+        write_profile(out_dir, f"talker_{name}", results[-1])
         print(json.dumps(results[-1]), flush=True)
         (out_dir / "bench_talker.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
     print(table(results))

@@ -197,9 +197,21 @@ class StepClock:
             trace = Path(out) / f"trace{self.label}.json"
             self.profiler.export_chrome_trace(str(trace))
             subprocess.run(["gzip", "-f", str(trace)], check=False)
+        gpu_table = (self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30,
+                                                        max_name_column_width=70) if DEVICE == "cuda" else "")
         self.profile_result = dict(steps=self.PROFILED_STEPS, wall_ms=wall_ms, gpu_busy_ms=busy / 1e3,
-                                   cpu_table=table)
+                                   cpu_table=table, gpu_table=gpu_table)
         self.profiler = None
+
+
+def write_profile(out_dir: Path, label: str, result: dict) -> None:
+    """A profiled run's host and GPU op tables to profile_LABEL.txt (out of the JSON) and its busy time printed."""
+    prof = result.get("profile") or {}
+    if prof:
+        tables = [prof.pop("cpu_table"), prof.pop("gpu_table", "")]
+        (out_dir / f"profile_{label}.txt").write_text("\n\n".join(t for t in tables if t))
+        print(f"{label}: {prof['steps']} profiled steps {prof['wall_ms']:.1f} ms, "
+              f"GPU busy {prof['gpu_busy_ms']:.1f} ms", flush=True)
 
 
 class TowerClock:
@@ -379,11 +391,7 @@ def main() -> None:
     results = []
     for name, data in [(n, d) for d in args.data.split(",") for n in args.runs.split(",")]:
         results.append(spawn(name, data, args.set, args))
-        prof = results[-1].get("profile") or {}
-        if prof:
-            (out_dir / f"profile_{name}_{data}.txt").write_text(prof.pop("cpu_table"))
-            print(f"{name}: {prof['steps']} profiled steps {prof['wall_ms']:.1f} ms, "
-                  f"GPU busy {prof['gpu_busy_ms']:.1f} ms", flush=True)
+        write_profile(out_dir, f"{name}_{data}", results[-1])
         print(json.dumps(results[-1]), flush=True)
         (out_dir / "bench_train.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
     print(table(results))
