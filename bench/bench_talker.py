@@ -5,8 +5,9 @@ real-width Thinker (hidden 2048, 128 experts top-8) of reduced depth, with rando
 transformers + PEFT path through the same trainer (`model.experts=grouped_mm`: PEFT's own LoRA, HF's default
 optimizer, no kernels of ours), each run in its own process.
 
-The Thinker runs without gradients and only its layer `accept_hidden_layer` state reaches the Talker: the
-benchmark's Thinker has `--thinker-layers` layers (default 24, the released accept_hidden_layer) and reads the last.
+The Thinker runs without gradients and only its layer-24 state (the released accept_hidden_layer) reaches the
+Talker, so the trainer runs its layers 1..24 alone (model/talker_inputs.py `thinker_states`): the benchmark's
+Thinker has `--thinker-layers` layers (default 24, all that runs of the released 48; 48 on a card with room).
 The data are `--records` conversations: a text prompt of ~`--prompt` tokens, an answer of ~`--answer` tokens and its
 speech of `--seconds` s (12.5 codec frames a second), encoded by the `tiny` codec (a random Mimi with the real 16
 codebooks of 2048) in `prepare`, like real speech would be by Mimi.
@@ -65,7 +66,7 @@ BASE = ["train.batch_size=1", "train.grad_accum=1", "train.lr=1e-5", "train.warm
 
 def full_config(thinker_layers: int):
     """The full Qwen3-Omni config: the real-width Thinker at `thinker_layers` layers, the released Talker (its
-    accept_hidden_layer the Thinker's last); token ids and a small Code2Wav (never run in training) from the tiny
+    accept_hidden_layer 24, or the Thinker's last where it has fewer); token ids and a small Code2Wav (never run in training) from the tiny
     model's config."""
     from transformers import Qwen3OmniMoeConfig
 
@@ -83,7 +84,7 @@ def full_config(thinker_layers: int):
         code_predictor_config=dict(CODE_PREDICTOR, rms_norm_eps=1e-6,
                                    rope_parameters=dict(rope_type="default", rope_theta=1e6)),
         num_code_groups=CODE_PREDICTOR["num_code_groups"], thinker_hidden_size=thinker["text_config"]["hidden_size"],
-        accept_hidden_layer=thinker_layers, **CODEC_IDS)
+        accept_hidden_layer=min(24, thinker_layers), **CODEC_IDS)
     cfg["code2wav_config"].update(codebook_size=CODE_PREDICTOR["vocab_size"],
                                   num_quantizers=CODE_PREDICTOR["num_code_groups"])
     return Qwen3OmniMoeConfig.from_dict({**cfg, "thinker_config": thinker})

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omnitune.model.talker_inputs import build_talker_inputs, talker_forward, talker_losses
+from omnitune.model import parts
+from omnitune.model.talker_inputs import build_talker_inputs, talker_forward, talker_losses, thinker_states
 from omnitune.model.tiny import TOKEN_IDS, build_tiny_model
 
 T = TOKEN_IDS
@@ -49,8 +50,9 @@ def generated():
         states = model.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
                                feature_attention_mask=fmask, output_hidden_states=True).hidden_states
     layer = model.config.talker_config.accept_hidden_layer
-    return dict(model=model, ids=ids, embeds=states[0], hidden=states[layer], codes=codes,
-                logits=torch.stack(out.logits, 1)[0], captured=captured, audio_lengths=fmask.sum(1))
+    return dict(model=model, ids=ids, embeds=states[0], hidden=states[layer], codes=codes, states=states,
+                feats=feats, fmask=fmask, logits=torch.stack(out.logits, 1)[0], captured=captured,
+                audio_lengths=fmask.sum(1))
 
 
 def teacher_forced(g, codes):
@@ -131,3 +133,25 @@ def test_generate_codes_speaks_what_generate_speaks(generated):
     codes = generate_codes(model, prompt, max_frames=10, audio_feature_lengths=g["audio_lengths"],
                            repetition_penalty=1.0)
     assert torch.equal(codes, g["codes"])
+
+
+def test_thinker_states_stop_at_the_talkers_layer(generated):
+    """thinker_states gives generate()'s embeddings and layer-k states (audio merged in) running only layers
+    0..k-1; at the last layer it runs them all and gives the final norm's state, as hidden_states does."""
+    g = generated
+    model, layer = g["model"], g["model"].config.talker_config.accept_hidden_layer
+    inputs = dict(input_ids=g["ids"], attention_mask=torch.ones_like(g["ids"]), input_features=g["feats"],
+                  feature_attention_mask=g["fmask"])
+    layers = parts.decoder_layers(model.thinker)
+    assert 0 < layer < len(layers)
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, m in enumerate(layers)]
+    embeds, hidden = thinker_states(model.thinker, inputs, layer)
+    assert ran == list(range(layer))
+    assert torch.equal(embeds, g["embeds"]) and torch.equal(hidden, g["hidden"])
+    assert len(parts.decoder_layers(model.thinker)) == len(layers)  # the stack is whole again
+    ran.clear()
+    _, last = thinker_states(model.thinker, inputs, len(layers))
+    for h in hooks:
+        h.remove()
+    assert ran == list(range(len(layers))) and torch.equal(last, g["states"][len(layers)])

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnitune.model import parts
 from omnitune.tokens import IGNORE_INDEX
 
 PREFIX = 9  # the assistant prefix's positions (module docstring)
@@ -79,6 +80,39 @@ class TalkerPrompt:
     talker_ids: torch.Tensor  # [U + 9]
     trailing: torch.Tensor  # [K, H]: text tokens 2..K then tts_eos, one per frame (then tts_pad)
     tts_pad: torch.Tensor  # [H]
+
+
+@torch.no_grad()
+def thinker_states(thinker: nn.Module, inputs: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Thinker's token embeddings (media merged in: the input of its first decoder layer) and its layer-`layer`
+    states for `inputs`, exactly as generate() reads them from `hidden_states` (the raw output of decoder layer
+    `layer` - 1). Our own because generate() runs the whole Thinker and the Talker reads layer 24 of 48: here the
+    forward stops at `layer` (the layers above it and the final norm never run), half the frozen Thinker's time
+    in each Talker step. Where `layer` is the last, the whole Thinker runs and the state is its final norm's, as in
+    generate()."""
+    backbone = parts.module(thinker, "backbone")
+    stack, name = parts.stack_model(thinker), parts.decoder_stack(thinker, "text").layers
+    layers = stack.get_submodule(name)
+    if not 0 < layer < len(layers):
+        states = backbone(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+        return states[0], states[layer]
+    got: dict[str, torch.Tensor] = {}
+
+    def first(module, args, kwargs):
+        got["embeds"] = args[0] if args else kwargs["hidden_states"]
+
+    def last(module, args, out):
+        got["hidden"] = out[0] if isinstance(out, tuple) else out
+
+    hooks = [layers[0].register_forward_pre_hook(first, with_kwargs=True), layers[layer - 1].register_forward_hook(last)]
+    setattr(stack, name, layers[:layer])
+    try:
+        backbone(**inputs, use_cache=False)
+    finally:
+        setattr(stack, name, layers)
+        for hook in hooks:
+            hook.remove()
+    return got["embeds"], got["hidden"]
 
 
 def talker_prompt(model: nn.Module, ids: torch.Tensor, embeds: torch.Tensor, hidden: torch.Tensor,

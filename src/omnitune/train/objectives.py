@@ -128,7 +128,7 @@ class TalkerCodec:
     def sums(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(codebook-0 CE summed over the batch's frames and ends of speech, code-predictor CE summed over its
         frames, each frame's averaged over the codebooks), fp32 (model/talker_inputs.py `talker_losses`)."""
-        from omnitune.model.talker_inputs import build_talker_inputs, talker_forward, talker_losses
+        from omnitune.model.talker_inputs import build_talker_inputs, talker_forward, talker_losses, thinker_states
 
         if "speech_frames" not in batch:
             raise OmnituneError("train.objective=talker_codec: a batch without target speech; give each record's "
@@ -138,13 +138,10 @@ class TalkerCodec:
         inputs.pop("labels", None)
         inputs.pop("sample_weight", None)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        with torch.no_grad():
-            states = parts.module(base.thinker, "backbone")(**inputs, output_hidden_states=True,
-                                                            use_cache=False).hidden_states
-        layer = base.config.talker_config.accept_hidden_layer
+        embeds, hidden = thinker_states(base.thinker, inputs, base.config.talker_config.accept_hidden_layer)
         frames = batch["speech_frames"].tolist()
         codes = [c[:t] for c, t in zip(batch["speech_codes"], frames)]
-        talker_inputs = build_talker_inputs(base, ids, mask, states[0].detach(), states[layer].detach(), codes,
+        talker_inputs = build_talker_inputs(base, ids, mask, embeds, hidden, codes,
                                             [self.speaker_ids[s or self.default_speaker] for s in batch["speakers"]])
         fmask = inputs.get("feature_attention_mask")
         media = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "video_second_per_grid",

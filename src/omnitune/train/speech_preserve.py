@@ -28,7 +28,7 @@ from omnitune.model import parts
 from omnitune.model.build import build_for_training
 from omnitune.model.load import load_full
 from omnitune.model.source import resolve_source, with_trained_weights
-from omnitune.model.talker_inputs import generate_codes, talker_prompt
+from omnitune.model.talker_inputs import generate_codes, talker_prompt, thinker_states
 from omnitune.recipe import AdapterConfig, Recipe
 from omnitune.run_dir import RunDir
 from omnitune.tokens import pad_id
@@ -49,14 +49,13 @@ def base_speech(full: torch.nn.Module, samples: list[dict[str, Any]], speaker_id
     Talker says nothing for is left out."""
     collate = OmniCollator(pad)
     thinker = parts.thinker_of(full)
-    backbone = parts.module(thinker, "backbone")
     layer = full.config.talker_config.accept_hidden_layer
     out = []
     for sample in samples:
         batch = to_device(collate([sample]), device, thinker.dtype)
         inputs = {k: v for k, v in batch.items() if k in _THINKER_INPUTS}
-        states = backbone(**inputs, output_hidden_states=True, use_cache=False).hidden_states
-        prompt = talker_prompt(full, batch["input_ids"][0], states[0][0], states[layer][0], speaker_id)
+        embeds, hidden = thinker_states(thinker, inputs, layer)
+        prompt = talker_prompt(full, batch["input_ids"][0], embeds[0], hidden[0], speaker_id)
         fmask = batch.get("feature_attention_mask")
         codes = generate_codes(full, prompt, FRAMES_PER_TOKEN * len(prompt.trailing) + 16,
                                None if fmask is None else fmask.sum(-1))
