@@ -28,6 +28,18 @@ def test_sharded_strategies_turn_graphs_off_and_say_so(strategy):
     assert p.lines()[0] == f"device: NVIDIA H200 x 4 processes ({strategy})"
 
 
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_parameter_sharding_checkpoints_every_layer_where_auto_would_measure_a_sharded_layer(strategy):
+    """`auto` measures a whole decoder layer at train begin; under FSDP2 (DTensor weights) and ZeRO-3 (empty
+    weights) that crashed on an H100 (bench_scaleout --nproc 1): these engines keep no layer unless told."""
+    _, p = plan(f"distributed.strategy={strategy}")
+    assert p.uncheckpointed_layers == 0 and any("uncheckpointed_layers=auto" in n for n in p.notes)
+    _, p = plan(f"distributed.strategy={strategy}", "train.uncheckpointed_layers=4")
+    assert p.uncheckpointed_layers == 4
+    for other in ("ddp", "zero2"):
+        assert plan(f"distributed.strategy={other}")[1].uncheckpointed_layers == "auto"
+
+
 def test_an_engine_at_world_size_one_is_named_in_the_printout():
     _, p = plan("distributed.strategy=zero3", "distributed.offload=optimizer", hardware=Hardware("cuda", "H200", 1))
     assert p.lines()[0] == "device: H200 (zero3, offload optimizer)"

@@ -249,6 +249,13 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str |
         notes.append("towers: frozen audio/vision towers in host memory, brought to the GPU for media batches only")
     if t.offload_experts:
         notes.append("experts: NF4 in pinned host memory, each layer's copied to the GPU one layer ahead")
+    keep = t.uncheckpointed_layers if t.gradient_checkpointing else 0
+    if keep == "auto" and strategy in ("fsdp2", "zero3"):
+        # auto measures one whole decoder layer on the GPU once training begins, when these engines hold 1/world
+        # of every parameter (a ZeRO-3 weight is empty there): the H100 run failed on exactly that
+        notes.append(f"activations: every layer checkpointed (train.uncheckpointed_layers=auto measures a whole "
+                     f"layer, which {strategy} has sharded; give a number to keep some)")
+        keep = 0
     why_not = _why_no_graphs(recipe, hw, fast, strategy)
     graphs = why_not is None
     why = ("text and media batches alike: towers (or their stored outputs) and M-RoPE positions run eagerly before "
@@ -264,7 +271,7 @@ def make_plan(recipe: Recipe, hardware: Hardware | None = None, objective: str |
         offload_towers=offload_towers, offload_experts=t.offload_experts, offload=recipe.distributed.offload,
         cuda_graphs=graphs, cuda_graphs_why=why, graph_bucket=t.graph_bucket,
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
-        uncheckpointed_layers=t.uncheckpointed_layers if t.gradient_checkpointing else 0,
+        uncheckpointed_layers=keep,
         preserve_rng_state=not graphs, packing=recipe.data.packing, micro_batch_tokens=tokens,
         router_trains=trains_router(recipe) and objective == "thinker_lm", unused_parameters=trains_a_tower(recipe),
         group_by_length=_group_by_length(recipe), encoder_cache=cached, encoder_cache_why=cached_why,
