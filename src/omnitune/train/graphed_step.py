@@ -127,7 +127,7 @@ class GraphedTrainStep:
     """Decoder + loss + backward of a Thinker micro-batch as a CUDA graph per padded shape (module docstring)."""
 
     def __init__(self, thinker: torch.nn.Module, params: list[torch.nn.Parameter], bucket: int = 512,
-                 max_graphs: int = 16):
+                 max_graphs: int = 16, accumulating: bool = False):
         self.thinker = thinker
         # resolved once: the parts map's lookups walk the module tree, too slow for every micro-step
         self.backbone = parts.module(thinker, "backbone")
@@ -140,7 +140,7 @@ class GraphedTrainStep:
             process.__wrapped_scatter__ = True
             self.language_model._deepstack_process = process
         self.bucket = bucket
-        self.graphs = GraphedGrads(self._loss, params, max_graphs=max_graphs)
+        self.graphs = GraphedGrads(self._loss, params, max_graphs=max_graphs, accumulating=accumulating)
         self.row_counts: dict[tuple[int, ...], int] = {}  # per padded batch shape: its one reduced head size
         self.sdpa_backends = ALL_SDPA_BACKENDS  # the attention kernels the last call allowed
 

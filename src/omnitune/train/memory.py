@@ -49,16 +49,20 @@ class MemoryEstimate:
     kept: int
     budget: float | None  # the card (capped by the process's memory fraction), None on CPU
     levers: tuple[str, ...] = field(default=())
+    accumulates: bool = False  # gradients held across micro-steps (grad_accum > 1): they meet the activations
+
 
     @property
     def total(self) -> float:
         """The peak: what lives through the step, plus the larger of the gradients (complete at the end of the
-        backward) and the activations (largest at its start, freed as it goes). Against H200 peaks of the
-        48-layer Thinker, every layer checkpointed (issue 21): 66.6 / 69.1 for bf16 LoRA r16 (measured / this),
-        95.4 / 95.2 at r64, 27.9 / 27.8 for QLoRA r16, 56.6 / 56.4 at r64."""
+        backward) and the activations (largest at its start, freed as it goes); with gradient accumulation, both
+        (the window's gradients are held through the next micro-step's forward). Against H200 peaks of the
+        48-layer Thinker, every layer checkpointed, grad_accum 1 (issue 21): 66.6 / 69.1 for bf16 LoRA r16
+        (measured / this), 95.4 / 95.2 at r64, 27.9 / 27.8 for QLoRA r16, 56.6 / 56.4 at r64."""
         p = self.parts
+        activations = p["activations"] + self.kept * self.per_layer
         return (p["weights"] + p["trainable"] + p["optimizer"]
-                + max(p["grads"], p["activations"] + self.kept * self.per_layer))
+                + (p["grads"] + activations if self.accumulates else max(p["grads"], activations)))
 
     @property
     def fits(self) -> bool:
@@ -184,14 +188,16 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
                 "params": ("optimizer", "weights", "trainable")}[plan.offload]:
         found[key] = 0.0
     budget = budget if budget is not None else device_budget(plan.hardware.device, plan.hardware.local_rank)
+    accumulates = t.grad_accum > 1 and not plan.optimizer_in_backward
     if not plan.gradient_checkpointing:
         kept = layers
     elif plan.uncheckpointed_layers == "auto":
-        room = (budget * (1 - MARGIN) - sum(v for k, v in found.items() if k != "grads")) if budget else 0
+        room = (budget * (1 - MARGIN) - sum(v for k, v in found.items() if accumulates or k != "grads")
+                if budget else 0)
         kept = int(min(layers, max(0, room // per_layer)))
     else:
         kept = int(plan.uncheckpointed_layers)
-    return MemoryEstimate(found, per_layer, layers, kept, budget, levers(recipe, plan, found))
+    return MemoryEstimate(found, per_layer, layers, kept, budget, levers(recipe, plan, found), accumulates)
 
 
 def levers(recipe: Recipe, plan, found: dict[str, float]) -> tuple[str, ...]:

@@ -6,8 +6,9 @@ An objective has three duties:
   gradient accumulation gives the same update as one big batch.
 - `loss(model, batch, num_items, micro_steps)`: the scalar to backpropagate, normalised by `num_items` (or by the
   batch's own count when None, as in evaluation).
-- `graphed_step(model, params, bucket)`: the micro-step as a replayable CUDA graph, or None where the objective
-  has none (the trainer then runs it eagerly).
+- `graphed_step(model, params, bucket, accumulating)`: the micro-step as a replayable CUDA graph, or None where the
+  objective has none (the trainer then runs it eagerly); `accumulating`: the trainer steps every several
+  micro-steps, so every replay adds into the held gradients (train/cuda_graph.py).
 
 `ThinkerLM` (the Thinker's next-token loss) and `TalkerCodec` (the Talker learns target speech, teacher-forced on
 the frozen Thinker) are the objectives; the recipe's `train.objective` picks one (train/plan.py).
@@ -38,7 +39,8 @@ class Objective(Protocol):
     def loss(self, model: nn.Module, batch: dict[str, Any], num_items: torch.Tensor | int | None,
              micro_steps: int = 1) -> torch.Tensor: ...
 
-    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int) -> Any | None: ...
+    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int,
+                     accumulating: bool = False) -> Any | None: ...
 
 
 class ThinkerLM:
@@ -93,10 +95,10 @@ class ThinkerLM:
             loss = loss + self.router_aux_coef * aux.to(loss.device) / micro_steps
         return loss, out
 
-    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int):
+    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int, accumulating: bool = False):
         from omnitune.train.graphed_step import GraphedTrainStep
 
-        return GraphedTrainStep(parts.thinker_of(model), params, bucket=bucket)
+        return GraphedTrainStep(parts.thinker_of(model), params, bucket=bucket, accumulating=accumulating)
 
 
 class TalkerCodec:
@@ -150,7 +152,7 @@ class TalkerCodec:
             media["audio_feature_lengths"] = fmask.sum(-1)
         return talker_losses(talker_forward(base.talker, talker_inputs, media), talker_inputs)
 
-    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int):
+    def graphed_step(self, model: nn.Module, params: list[nn.Parameter], bucket: int, accumulating: bool = False):
         return None  # the Talker's sequence length follows the speech: no fixed shapes to capture
 
 

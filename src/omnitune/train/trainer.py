@@ -169,7 +169,8 @@ class OmniTrainer(Trainer):
         if self.graphed is None:
             params = [p for p in model.parameters() if p.requires_grad]
             self.graphed = self.objective.graphed_step(self.accelerator.unwrap_model(model), params,
-                                                       self.plan.graph_bucket)
+                                                       self.plan.graph_bucket,
+                                                       accumulating=self.args.gradient_accumulation_steps > 1)
         reason = "the objective has no graphed step" if self.graphed is None else self.graphed.eager_reason(inputs)
         if reason is not None:
             return self._eager_step(model, inputs, num_items_in_batch, reason)
