@@ -10,6 +10,7 @@ measured peak. A row that runs out of memory under its cap says OOM.
 Rows (recipe overrides on bench_train's base: the `instruct` preset at r16, batch 1, grad_accum 1, seq --seq):
   r16           today's bf16 LoRA r16 path (fp32 LoRA, AdamW on the GPU): the speed reference, no cap
   instruct      the `instruct` preset as shipped (r64; its memory settings), cap 76 GiB (an 80 GB card)
+  instruct-accum the instruct row with grad_accum 8: the 8-bit optimizer's step spread as in training
   instruct-fp32 r64 with fp32 LoRA and fp32 AdamW states (before issue 21), no cap
   qlora         QLoRA r16 with bf16 LoRA, 8-bit AdamW stepped in the backward, cap 22 GiB (a 24 GB card)
   qlora-offload the qlora row with the NF4 experts streamed from pinned host memory, cap 14 GiB (a 16 GB card)
@@ -59,6 +60,8 @@ LOW = ["adapter.lora_dtype=bfloat16", "train.optimizer=adamw8bit", "train.optimi
 RUNS: dict[str, tuple[list[str], float | None, str]] = {
     "r16": (PLAIN, None, "speed reference"),
     "instruct": (["adapter.rank=64", "adapter.alpha=128", *shipped()], 76.0, "<= 76 GiB, >= 80% of r16 tok/s"),
+    "instruct-accum": (["adapter.rank=64", "adapter.alpha=128", *shipped(), "train.grad_accum=8"], 76.0,
+                       "the instruct row stepping every 8 micro-batches (the preset accumulates 16)"),
     "instruct-fp32": (["adapter.rank=64", "adapter.alpha=128", *PLAIN], None, "before: 95.4 GiB measured"),
     "qlora": (["adapter.method=qlora", *LOW], 22.0, "<= 22 GiB, >= 70% of r16 tok/s"),
     "qlora-offload": (["adapter.method=qlora", *LOW, "train.offload_experts=true"], 14.0,
@@ -113,7 +116,10 @@ def child(name: str, args) -> dict:
 
 def stream_check(layers: int = 4) -> dict:
     """QLoRA with the experts streamed from host memory against QLoRA with them on the GPU, on a small-width
-    Thinker on this GPU: the same loss and LoRA gradients (the CPU tests cannot exercise the copy stream)."""
+    Thinker on this GPU: the same loss and LoRA gradients (the CPU tests cannot exercise the copy stream). The
+    gradients may differ in the last bits, as two runs on the GPU do (atomic adds in the backward; H100: 8.4e-10
+    against |grad| ~1): `ok` allows 1e-6 of the largest gradient, and the GPU path's own rerun difference is
+    reported beside it."""
     import copy
 
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
@@ -131,19 +137,21 @@ def stream_check(layers: int = 4) -> dict:
     adapter = AdapterConfig(method="qlora", rank=16, alpha=32, targets=["attention", "experts"])
     out = {}
     ids = torch.randint(10, 150000, (1, 1024), device=DEVICE)
-    for offload in (False, True):
+    for offload in (False, True, "rerun"):
         torch.manual_seed(1)
         model = build_for_training(copy.deepcopy(base), adapter, fast_paths=True, device=DEVICE,
-                                   report=lambda _: None, offload_experts=offload)
+                                   report=lambda _: None, offload_experts=offload is True)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         out[offload] = (loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
                                                 if p.grad is not None})
-    (loss0, g0), (loss1, g1) = out[False], out[True]
+    (loss0, g0), (loss1, g1), (_, again) = out[False], out[True], out["rerun"]
     diff = max(float((g0[n] - g1[n]).abs().max()) for n in g0)
+    scale = max(float(g.abs().max()) for g in g0.values())
     return dict(loss_on_gpu=float(loss0), loss_streamed=float(loss1), max_grad_diff=diff,
-                ok=bool(torch.equal(loss0, loss1)) and diff == 0.0 and g0.keys() == g1.keys())
+                gpu_rerun_grad_diff=max(float((g0[n] - again[n]).abs().max()) for n in g0), max_grad=scale,
+                ok=bool(torch.equal(loss0, loss1)) and diff <= 1e-6 * scale and g0.keys() == g1.keys())
 
 
 def spawn(name: str, args) -> dict:

@@ -259,7 +259,8 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
     recipe = load_recipe("instruct", [*BASE, *RUNS.get(name, []), *overrides, f"output_dir={work / 'run'}",
                                       f"train.max_steps={total_steps}"])
     processor = load_processor(recipe.model)
-    longest = write_conversations(work / "train.jsonl", processor.tokenizer, total_steps, seq, seed=0, kind=data)
+    samples = total_steps * recipe.train.grad_accum * recipe.train.batch_size  # every step sees new samples
+    longest = write_conversations(work / "train.jsonl", processor.tokenizer, samples, seq, seed=0, kind=data)
     # the same max_length as the text rows: it sizes the micro-batch that `auto` keeps activations for
     media = [f"data.max_length={max(longest, seq)}"]
     if data == "video":
@@ -303,7 +304,8 @@ def child(name: str, overrides: list[str], seq: int, layers: int, steps: int, wa
     trainer = child.trainer
     ms = 1e3 * clock.window / (steps - warmup)
     tokens = statistics.mean(len(trainer.train_dataset[i]["input_ids"]) for i in range(len(trainer.train_dataset)))
-    tok_s = tokens / ms * 1e3
+    # an optimizer step trains grad_accum x batch_size samples
+    tok_s = tokens * recipe.train.grad_accum * recipe.train.batch_size / ms * 1e3
     intervals = [1e3 * (b - a) for a, b in zip(clock.marks, clock.marks[1:])]
     gpu_steps = [a.elapsed_time(b) for a, b in zip(clock.events, clock.events[1:])][warmup - 1:]
     plan = result.plan
