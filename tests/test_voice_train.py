@@ -110,6 +110,24 @@ def talker_loss(model, recipe, data, speakers):
         return TalkerCodec(speakers, "ethan").loss(model, batch, None)
 
 
+def test_the_talker_step_never_asks_for_cudnn_attention(trained, monkeypatch):
+    """cuDNN's attention plans every new shape on the host (1.6 ms a call on an H200) and the Talker's length follows
+    the speech: the step's attention calls (Thinker and Talker) run with cuDNN's kernel switched off."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    table = json.loads(trained["result"].run.speakers.read_text())
+    talker_loss(trained["model"], trained["recipe"], trained["data"], table)
+    assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_reloaded_voice_run_reproduces_the_trained_talker(trained):
     from omnitune.model.source import load_model, resolve_source
 
