@@ -10,7 +10,7 @@ from test_train import demo_data, small_recipe  # noqa: F401  (fixture)
 
 from omnitune.kernels import enable_fast_lora
 from omnitune.kernels.nf4 import BLOCK, NF4_CODES, dequantize_nf4, quantize_nf4
-from omnitune.model.qlora import quantize_experts
+from omnitune.model.qlora import attention_linears, quantize_attention, quantize_experts
 from omnitune.recipe import RecipeError, load_recipe
 
 
@@ -95,6 +95,45 @@ def test_under_checkpointing_the_recompute_dequantizes_for_the_backward_too():
         torch.testing.assert_close(grads[True][n], grads[False][n], msg=n)
 
 
+def test_nf4_attention_computes_what_the_rounded_bf16_attention_would_and_dequantizes_in_the_backward(monkeypatch):
+    """QLoRA's q/k/v/o weights in NF4 (LoRA on q and v through the shared q/k/v function, k and o plain): logits and
+    every gradient equal a model whose attention holds the same rounded weights as parameters; each projection
+    dequantizes once in the forward and once in the backward that reaches it (no bf16 copy kept between them)."""
+    from omnitune.kernels import nf4
+
+    model = _lora_model()
+    reference = copy.deepcopy(model)
+    before, after = quantize_attention(model)
+    linears = attention_linears(model)
+    assert len(linears) == 2 * 4 and after < 0.3 * before
+    with torch.no_grad():
+        for (_, linear), (_, ref) in zip(linears, attention_linears(reference)):
+            assert linear.weight.numel() == 0
+            ref.weight.copy_(nf4.frozen_weight(linear))
+    calls = []
+    dequantize = nf4.dequantize_nf4
+    monkeypatch.setattr(nf4, "dequantize_nf4", lambda q: calls.append(q.shape) or dequantize(q))
+    inputs = batch()
+    out, out_ref = model(**inputs), reference(**inputs)
+    assert len(calls) == 8
+    torch.testing.assert_close(out.logits, out_ref.logits)
+    out.loss.backward()
+    out_ref.loss.backward()
+    assert len(calls) == 8 + 7  # the backward: all but layer 0's k_proj, whose input (the embeddings) needs no grad
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and any("q_proj.lora_A" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
+
+
+def test_a_trained_attention_weight_is_not_quantized():
+    model = tiny_thinker("omnitune").requires_grad_(False)
+    model.model.language_model.layers[0].self_attn.o_proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="QLoRA keeps the base frozen"):
+        quantize_attention(model)
+
+
 def test_a_trained_expert_weight_is_not_quantized():
     model = tiny_thinker("omnitune").requires_grad_(False)
     model.model.language_model.layers[0].mlp.experts.gate_up_proj.requires_grad_(True)
@@ -138,12 +177,15 @@ def test_text_generation_of_a_qlora_run_uses_its_nf4_thinker_with_the_adapter_un
     assert src.nf4_experts
     model = load_model(src, speech=False)
     assert isinstance(model, PeftModel) and quantized_experts(model) == 2
-    # the reference: the bf16 base with its experts rounded the same way, the adapter unmerged on top
+    assert all(hasattr(linear, "omnitune_nf4_meta") for _, linear in attention_linears(model))
+    # the reference: the bf16 base with its experts and attention rounded the same way, the adapter unmerged on top
     reference = PeftModel.from_pretrained(load_thinker(src.model), str(qlora_run / "adapter")).eval()
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if ".experts." in name and name.endswith((".gate_up_proj", ".down_proj")):
                 p.copy_(dequantize_nf4(quantize_nf4(p)))
+        for _, linear in attention_linears(reference):
+            linear.weight.copy_(dequantize_nf4(quantize_nf4(linear.weight)))
     ids = torch.randint(10, 5000, (1, 24))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)

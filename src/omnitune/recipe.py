@@ -81,7 +81,8 @@ class AdapterConfig(_Section):
     """What trains. Part names (`targets`, `train`, `freeze`) are those of model/parts.py; they are checked against
     the model's parts map before any weight is loaded."""
     method: Literal["lora", "qlora", "full"] = Field(
-        "lora", description="qlora: LoRA with the frozen fused-expert weights stored in 4-bit NF4 (model/qlora.py)")
+        "lora", description="qlora: LoRA with the frozen fused-expert and attention weights stored in 4-bit NF4 "
+                            "(model/qlora.py)")
     rank: int = Field(64, gt=0)
     alpha: float = Field(128, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 BLOCK = 64
+BUFFER_PREFIX = "omnitune_nf4_"  # a module's NF4 buffers: {prefix}[name_]packed / absmax / codes
 NF4_CODES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -97,3 +98,32 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, codes: tor
     _nf4_kernel()[grid](packed, absmax, codes, out, packed.numel(), BYTES=BYTES_PER_PROGRAM,
                          BYTES_PER_SCALE=BLOCK // 2)
     return out
+
+
+# ------------------------------------------------------------------------------------- frozen linear layers
+def frozen_weight(linear: torch.nn.Linear) -> torch.Tensor:
+    """A frozen linear's weight: dequantized from its NF4 buffers (model/qlora.py `quantize_attention`), else the
+    parameter itself."""
+    meta = getattr(linear, "omnitune_nf4_meta", None)
+    if meta is None:
+        return linear.weight
+    shape, dtype = meta
+    packed, absmax, codes = (getattr(linear, f"{BUFFER_PREFIX}{part}") for part in ("packed", "absmax", "codes"))
+    return dequantize_nf4(NF4Weight(packed, absmax, codes, shape, dtype))
+
+
+class NF4Linear(torch.autograd.Function):
+    """x W^T (+ b) with W dequantized here and again in the backward (W is frozen: only dX is needed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+        ctx.linear = linear
+        return torch.nn.functional.linear(x, frozen_weight(linear).to(x.dtype), linear.bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ frozen_weight(ctx.linear).to(grad.dtype), None
+
+
+def nf4_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return NF4Linear.apply(x, self)

@@ -24,6 +24,7 @@ from peft.tuners.lora.layer import ParamWrapper
 
 from .forward_swap import restore_forwards, swap_forwards
 from .moe_experts import PROJECTIONS, ExpertLoRA, moe_experts_forward
+from .nf4 import frozen_weight
 
 _FLAG = "_omnitune_fast_lora"
 
@@ -141,9 +142,11 @@ class _SharedInputLoRAFunction(torch.autograd.Function):
     their dtype, scaled inside the GEMMs (`_scaled_mm`): per layer ~20 small scale/copy/cast kernels fewer."""
 
     @staticmethod
-    def forward(ctx, x, scalings, ranks, *tensors):
+    def forward(ctx, x, scalings, ranks, linears, *tensors):
+        # linears: the frozen base layers; their weights are read here and again in the backward (`frozen_weight`:
+        # the parameter, or a dequantized NF4 copy that must not live from the forward to the backward)
         n = len(scalings)
-        weights, lora_a, lora_b = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        weights, lora_a, lora_b = [frozen_weight(m) for m in linears], tensors[:n], tensors[n:]
         a_cat = torch.cat([a.to(x.dtype) for a in lora_a])  # [sum r, in]
         xa = x @ a_cat.T
         b_cast = [b.to(x.dtype) for b in lora_b]
@@ -152,15 +155,16 @@ class _SharedInputLoRAFunction(torch.autograd.Function):
             # out of place: selective checkpointing may have cached the base product for its recompute
             outs.append(torch.addmm(x @ w.to(x.dtype).T, xa[:, start:start + r], b.T, alpha=s))
             start += r
-        ctx.save_for_backward(x, xa, a_cat, *weights, *b_cast)
-        ctx.scalings, ctx.ranks, ctx.dtypes = scalings, ranks, [t.dtype for t in (*lora_a, *lora_b)]
+        ctx.save_for_backward(x, xa, a_cat, *b_cast)
+        ctx.linears, ctx.scalings, ctx.ranks = linears, scalings, ranks
+        ctx.dtypes = [t.dtype for t in (*lora_a, *lora_b)]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, xa, a_cat, *rest = ctx.saved_tensors
+        x, xa, a_cat, *b_cast = ctx.saved_tensors
         n = len(ctx.scalings)
-        weights, b_cast = rest[:n], rest[n:]
+        weights = [frozen_weight(m) for m in ctx.linears]
         dx = torch.zeros_like(x) if all(g is None for g in grads) else None
         d_xa_t = xa.new_zeros(xa.shape[1], xa.shape[0])  # d(xa)^T: each projection's rows are one contiguous block
         grad_b, start = [], 0
@@ -176,7 +180,7 @@ class _SharedInputLoRAFunction(torch.autograd.Function):
         grad_a = _scaled_mm(d_xa_t, x, 1.0, ctx.dtypes[0]).split(list(ctx.ranks))
         dx.addmm_(d_xa_t.T, a_cat)
         grad_a = [t.to(dtype) for t, dtype in zip(grad_a, ctx.dtypes[:n])]
-        return (dx, None, None, *([None] * n), *grad_a, *grad_b)
+        return (dx, None, None, None, *grad_a, *grad_b)
 
 
 class SharedInputLoRA:
@@ -211,7 +215,7 @@ class SharedInputLoRA:
         x2d = x.reshape(-1, x.shape[-1])
         outs = _SharedInputLoRAFunction.apply(
             x2d, tuple(m.scaling[adapter] for m in self.layers), tuple(m.r[adapter] for m in self.layers),
-            *(m.base_layer.weight for m in self.layers), *(m.lora_A[adapter].weight for m in self.layers),
+            tuple(m.base_layer for m in self.layers), *(m.lora_A[adapter].weight for m in self.layers),
             *(m.lora_B[adapter].weight for m in self.layers))
         outs = {id(m): y.view(*x.shape[:-1], y.shape[-1]) for m, y in zip(self.layers, outs)}
         mine = outs.pop(id(layer))

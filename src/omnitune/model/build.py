@@ -1,4 +1,4 @@
-"""The model as a run trains it: the loaded Thinker, its adapters, NF4 experts (QLoRA) and omnitune's fast paths.
+"""The model as a run trains it: the loaded Thinker, its adapters, NF4 experts and attention (QLoRA), fast paths.
 
 One function, so that `omnitune train` and the benchmark that measures it (bench/bench_train.py) build the same
 model from a recipe; the plan (train/plan.py) says whether the fast paths are on and where the model lives.
@@ -12,7 +12,7 @@ from torch import nn
 
 from omnitune.model import parts
 from omnitune.model.adapters import apply_adapters
-from omnitune.model.qlora import quantize_experts
+from omnitune.model.qlora import quantize_attention, quantize_experts
 from omnitune.recipe import AdapterConfig
 
 
@@ -28,9 +28,11 @@ def build_for_training(thinker: nn.Module, adapter: AdapterConfig, fast_paths: b
         cast_lora_(model, torch.bfloat16)
     if adapter.method == "qlora":
         before, after = quantize_experts(model, device=device, offload=offload_experts)
+        attn_before, attn_after = quantize_attention(model, device=device)
         model.to(device)
         report(f"QLoRA: expert weights in 4-bit NF4, {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB"
-               + (" in pinned host memory, streamed per layer" if offload_experts else ""))
+               + (" in pinned host memory, streamed per layer" if offload_experts else "")
+               + f"; attention weights {attn_before / 2**30:.2f} GiB -> {attn_after / 2**30:.2f} GiB")
     if fast_paths:
         from omnitune import kernels
 

@@ -1,7 +1,12 @@
-"""QLoRA of the Thinker (`adapter.method: qlora`): LoRA as usual, the frozen fused-expert weights kept in 4-bit NF4.
+"""QLoRA of the Thinker (`adapter.method: qlora`): LoRA as usual, the frozen fused-expert weights and the frozen
+attention projections kept in 4-bit NF4.
 
 The experts hold ~29.0B of the Thinker's weights (48 layers x 128 experts x (1536x2048 + 2048x768)): 54.0 GiB in
-bf16, 15.2 GiB in NF4, so the frozen base shrinks by ~39 GiB; attention, router, embeddings and towers stay bf16.
+bf16, 15.2 GiB in NF4, so the frozen base shrinks by ~39 GiB. The attention projections (q/k/v/o, 0.9B weights):
+1.69 GiB in bf16, 0.47 GiB in NF4 (`quantize_attention`): what takes QLoRA r16 under a 24 GB card's 22 GiB (the
+estimate, train/memory.py: 23.0 -> 21.8 GiB). Router, embeddings, head and towers stay bf16. An NF4 projection
+dequantizes its weight in the forward and again in the backward (kernels/nf4.py `NF4Linear`, and the shared q/k/v
+LoRA function): no bf16 copy outlives the op, also in layers that are not checkpointed.
 The experts are dequantized just in time, per GEMM (by a Triton kernel, kernels/nf4.py), through the omnitune
 experts path's weight-provider seam (kernels/moe_experts.py): the grouped GEMMs, the per-expert LoRA and the
 CUDA-graph step are the same code as for LoRA. The backward dequantizes again, or under checkpointing reuses the
@@ -20,10 +25,8 @@ import torch
 from torch import nn
 
 from omnitune.kernels.moe_experts import PROJECTIONS
-from omnitune.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
-
-_PREFIX = "omnitune_nf4_"
-
+from omnitune.kernels.nf4 import BUFFER_PREFIX, NF4Weight, dequantize_nf4, nf4_linear_forward, quantize_nf4
+from omnitune.model import parts
 
 def _fused_experts(model: nn.Module) -> list[nn.Module]:
     """The experts modules that own [E, out, in] projection parameters (not PEFT's wrappers around them)."""
@@ -35,9 +38,9 @@ def _fused_experts(model: nn.Module) -> list[nn.Module]:
 def nf4_expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     """The weight provider: the [E, out, in] stack of `name`, dequantized from the module's NF4 buffers."""
     shape, dtype = experts.omnitune_nf4_meta[name]
-    return dequantize_nf4(NF4Weight(getattr(experts, f"{_PREFIX}{name}_packed"),
-                                    getattr(experts, f"{_PREFIX}{name}_absmax"),
-                                    getattr(experts, f"{_PREFIX}{name}_codes"), shape, dtype))
+    return dequantize_nf4(NF4Weight(getattr(experts, f"{BUFFER_PREFIX}{name}_packed"),
+                                    getattr(experts, f"{BUFFER_PREFIX}{name}_absmax"),
+                                    getattr(experts, f"{BUFFER_PREFIX}{name}_codes"), shape, dtype))
 
 
 class ExpertStream:
@@ -87,7 +90,8 @@ class ExpertStream:
             del self.resident[j]
         self._fetch(ahead)
         shape, dtype = experts.omnitune_nf4_meta[name]
-        return dequantize_nf4(NF4Weight(packed, absmax, getattr(experts, f"{_PREFIX}{name}_codes"), shape, dtype))
+        codes = getattr(experts, f"{BUFFER_PREFIX}{name}_codes")
+        return dequantize_nf4(NF4Weight(packed, absmax, codes, shape, dtype))
 
 
 @torch.no_grad()
@@ -111,7 +115,7 @@ def quantize_experts(model: nn.Module, device: torch.device | str | None = None,
             weight = param.data.to(device) if device is not None else param.data
             q = quantize_nf4(weight)
             for part in ("packed", "absmax", "codes") if stream is None else ("codes",):
-                experts.register_buffer(f"{_PREFIX}{name}_{part}", getattr(q, part), persistent=False)
+                experts.register_buffer(f"{BUFFER_PREFIX}{name}_{part}", getattr(q, part), persistent=False)
             if stream is not None:
                 host = [t.cpu().pin_memory() if pin else t.cpu() for t in (q.packed, q.absmax)]
                 experts.omnitune_nf4_host[name] = tuple(host)
@@ -121,4 +125,38 @@ def quantize_experts(model: nn.Module, device: torch.device | str | None = None,
             # the bf16 stack is gone; the (empty) parameter stays so PEFT's wrappers and names are untouched
             param.data = torch.empty(0, dtype=param.dtype, device=weight.device)
         experts.omnitune_weight_provider = nf4_expert_weight if stream is None else stream
+    return before, after
+
+
+# ------------------------------------------------------------------------------------------ attention projections
+def attention_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of the Thinker's q/k/v/o projections as plain linears (PEFT's base layer where LoRA wraps
+    one), named structurally so the memory estimate counts the same ones on a meta-device model."""
+    thinker = parts.thinker_of(model)
+    out = []
+    for name in parts.module_names(thinker, "attention"):
+        module = thinker.get_submodule(name)
+        base = getattr(module, "base_layer", module)
+        if type(base) is nn.Linear:
+            out.append((f"{name}.base_layer" if base is not module else name, base))
+    return out
+
+
+@torch.no_grad()
+def quantize_attention(model: nn.Module, device: torch.device | str | None = None) -> tuple[int, int]:
+    """The Thinker's frozen q/k/v/o weights in NF4 buffers on `device` (the emptied parameter stays, so names and
+    PEFT's wrappers are unchanged); their forward goes through `_NF4Linear`. Returns (bytes before, bytes after)."""
+    before = after = 0
+    for _, linear in attention_linears(model):
+        if linear.weight.requires_grad:
+            raise ValueError("cannot quantize a trained attention weight: QLoRA keeps the base frozen")
+        weight = linear.weight.data.to(device) if device is not None else linear.weight.data
+        q = quantize_nf4(weight)
+        for part in ("packed", "absmax", "codes"):
+            linear.register_buffer(f"{BUFFER_PREFIX}{part}", getattr(q, part), persistent=False)
+        linear.omnitune_nf4_meta = (q.shape, q.dtype)
+        before += weight.numel() * weight.element_size()
+        after += q.nbytes()
+        linear.weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        linear.forward = nf4_linear_forward.__get__(linear)
     return before, after

@@ -213,15 +213,17 @@ def has_talker(path: str) -> bool:
 
 
 def _quantized_thinker(src: Source, device: str) -> torch.nn.Module:
-    """A QLoRA run's Thinker as it trained: loaded on the host, experts quantized onto `device` one module at a
-    time, the adapter (if any) applied unmerged through the fast LoRA paths (NF4 weights cannot take a merge)."""
+    """A QLoRA run's Thinker as it trained: loaded on the host, experts (one module at a time) and attention
+    quantized onto `device`, the adapter (if any) applied unmerged through the fast LoRA paths (NF4 weights cannot
+    take a merge)."""
     from omnitune import kernels
-    from omnitune.model.qlora import quantize_experts
+    from omnitune.model.qlora import quantize_attention, quantize_experts
 
     model = load_thinker(src.model, device_map=None).requires_grad_(False)  # for generation: nothing trains
     if src.weights is not None:
         model = _adapter(model, src.weights[1])
     quantize_experts(model, device=device)
+    quantize_attention(model, device=device)
     if src.weights is not None:
         kernels.enable_fast_lora(model)
     return model.to(device)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from omnitune.model import parts
+from omnitune.model.qlora import attention_linears
 from omnitune.recipe import Recipe, RecipeError
 
 GiB = 2**30
@@ -151,6 +152,7 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
     dtype = DTYPE_BYTES[recipe.model.dtype]
     owner = parts.owners(model, ["audio_tower", "vision_tower"])
     experts = set(parts.target_parameters(model, "experts"))
+    attention = {f"{name}.weight" for name, _ in attention_linears(model)}  # NF4 under QLoRA too
     weights = 0.0
     streamed = 0.0
     for name, p in model.named_parameters():
@@ -159,7 +161,7 @@ def estimate(recipe: Recipe, plan, config, model: nn.Module | None = None,
         if name in experts and plan.offload_experts:
             streamed += p.numel() * NF4_BYTES
             continue
-        weights += p.numel() * (NF4_BYTES if name in experts and a.method == "qlora" else dtype)
+        weights += p.numel() * (NF4_BYTES if name in experts | attention and a.method == "qlora" else dtype)
     weights += 2 * streamed / config.text_config.num_hidden_layers  # two layers' experts resident
     trained, largest = lora_values(model, recipe)
     if a.method == "full":  # the trained weights are the model's own
@@ -205,7 +207,7 @@ def levers(recipe: Recipe, plan, found: dict[str, float]) -> tuple[str, ...]:
     a, t = recipe.adapter, recipe.train
     out: list[tuple[float, str]] = []
     if a.method == "lora":
-        out.append((found["weights"] * 0.6, "adapter.method=qlora (the experts in 4-bit NF4)"))
+        out.append((found["weights"] * 0.6, "adapter.method=qlora (the experts and attention in 4-bit NF4)"))
     if a.method in ("lora", "qlora") and not t.offload_experts:
         out.append((found["weights"] * 0.5,
                     "adapter.method=qlora with train.offload_experts=true (NF4 experts streamed from host memory)"))
