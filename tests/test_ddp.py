@@ -61,6 +61,20 @@ def test_omnitune_train_under_torchrun_writes_one_run(tmp_path):
         p.name for p in (out / "checkpoints" / "checkpoint-2").iterdir()}
 
 
+@pytest.mark.slow
+def test_two_processes_on_a_fresh_cache_build_the_tiny_model_on_the_main_process(tmp_path, monkeypatch):
+    """With no tiny checkpoint cached yet, the memory estimate's config read would build it on every process; a
+    non-main process writes no weights, so it failed there (a race: it passed when the main process won)."""
+    monkeypatch.setenv("OMNITUNE_CACHE", str(tmp_path / "fresh-cache"))
+    train_file, _ = make_demo_dataset(tmp_path / "data", n_train=4, n_eval=1, seed=3)
+    res = torchrun(29514, "-m", "omnitune", "train", "demo", "--set", f"data.train={train_file}",
+                   "--set", f"output_dir={tmp_path / 'run'}", "--set", "data.workers=1",
+                   "--set", "distributed.strategy=ddp", "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+                   "--set", "log.tensorboard=false")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (tmp_path / "fresh-cache" / "tiny-qwen3-omni-v2" / "DONE").exists()
+
+
 def test_a_torchrun_launch_without_the_ddp_strategy_is_refused(tmp_path):
     res = subprocess.run([sys.executable, "-m", "omnitune", "train", "demo", "--set", f"output_dir={tmp_path}"],
                          capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"}, timeout=300)

@@ -212,8 +212,9 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None,
         memory = None
         console.print("  memory estimate: not modelled for train.objective=talker_codec", highlight=False)
     else:
-        memory = check_fits(recipe, plan, config=thinker.config if thinker is not None else None, model=thinker,
-                            report=lambda line: console.print("  " + line, highlight=False))
+        with state.main_process_first():  # reading the config may build the tiny model: the main process does it
+            memory = check_fits(recipe, plan, config=thinker.config if thinker is not None else None, model=thinker,
+                                report=lambda line: console.print("  " + line, highlight=False))
 
     with state.main_process_first():  # the main process builds what is missing (tiny model, data cache) first
         processor = load_processor(recipe.model)
