@@ -100,16 +100,34 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, codes: tor
     return out
 
 
-# ------------------------------------------------------------------------------------- frozen linear layers
+# ------------------------------------------------------------------------------------- NF4 weights of modules
+def store_nf4(module: torch.nn.Module, name: str, q: NF4Weight,
+              parts: tuple[str, ...] = ("packed", "absmax", "codes")) -> None:
+    """Keep `q` on `module` for its weight `name`: the `parts` as non-persistent buffers {BUFFER_PREFIX}{name}_{part}
+    (the others live elsewhere, e.g. streamed from host memory), shape and dtype in `module.omnitune_nf4_meta`."""
+    for part in parts:
+        module.register_buffer(f"{BUFFER_PREFIX}{name}_{part}", getattr(q, part), persistent=False)
+    if not hasattr(module, "omnitune_nf4_meta"):
+        module.omnitune_nf4_meta = {}
+    module.omnitune_nf4_meta[name] = (q.shape, q.dtype)
+
+
+def stored_nf4(module: torch.nn.Module, name: str, packed: torch.Tensor | None = None,
+               absmax: torch.Tensor | None = None) -> NF4Weight:
+    """The NF4 weight `store_nf4` kept on `module` (`packed` / `absmax`: given where they are not its buffers)."""
+    shape, dtype = module.omnitune_nf4_meta[name]
+
+    def part(key: str, given: torch.Tensor | None) -> torch.Tensor:
+        return getattr(module, f"{BUFFER_PREFIX}{name}_{key}") if given is None else given
+    return NF4Weight(part("packed", packed), part("absmax", absmax), part("codes", None), shape, dtype)
+
+
 def frozen_weight(linear: torch.nn.Linear) -> torch.Tensor:
-    """A frozen linear's weight: dequantized from its NF4 buffers (model/qlora.py `quantize_attention`), else the
+    """A frozen linear's weight: dequantized where it is kept in NF4 (model/qlora.py `quantize_attention`), else the
     parameter itself."""
-    meta = getattr(linear, "omnitune_nf4_meta", None)
-    if meta is None:
+    if "weight" not in getattr(linear, "omnitune_nf4_meta", {}):
         return linear.weight
-    shape, dtype = meta
-    packed, absmax, codes = (getattr(linear, f"{BUFFER_PREFIX}{part}") for part in ("packed", "absmax", "codes"))
-    return dequantize_nf4(NF4Weight(packed, absmax, codes, shape, dtype))
+    return dequantize_nf4(stored_nf4(linear, "weight"))
 
 
 class NF4Linear(torch.autograd.Function):

@@ -24,9 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omnitune.kernels.forward_swap import swap_forwards
 from omnitune.kernels.moe_experts import PROJECTIONS
-from omnitune.kernels.nf4 import BUFFER_PREFIX, NF4Weight, dequantize_nf4, nf4_linear_forward, quantize_nf4
+from omnitune.kernels.nf4 import dequantize_nf4, nf4_linear_forward, quantize_nf4, store_nf4, stored_nf4
 from omnitune.model import parts
+
 
 def _fused_experts(model: nn.Module) -> list[nn.Module]:
     """The experts modules that own [E, out, in] projection parameters (not PEFT's wrappers around them)."""
@@ -37,10 +39,7 @@ def _fused_experts(model: nn.Module) -> list[nn.Module]:
 
 def nf4_expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     """The weight provider: the [E, out, in] stack of `name`, dequantized from the module's NF4 buffers."""
-    shape, dtype = experts.omnitune_nf4_meta[name]
-    return dequantize_nf4(NF4Weight(getattr(experts, f"{BUFFER_PREFIX}{name}_packed"),
-                                    getattr(experts, f"{BUFFER_PREFIX}{name}_absmax"),
-                                    getattr(experts, f"{BUFFER_PREFIX}{name}_codes"), shape, dtype))
+    return dequantize_nf4(stored_nf4(experts, name))
 
 
 class ExpertStream:
@@ -89,9 +88,7 @@ class ExpertStream:
         for j in [j for j in self.resident if j not in (i, ahead)]:
             del self.resident[j]
         self._fetch(ahead)
-        shape, dtype = experts.omnitune_nf4_meta[name]
-        codes = getattr(experts, f"{BUFFER_PREFIX}{name}_codes")
-        return dequantize_nf4(NF4Weight(packed, absmax, codes, shape, dtype))
+        return dequantize_nf4(stored_nf4(experts, name, packed, absmax))
 
 
 @torch.no_grad()
@@ -106,7 +103,6 @@ def quantize_experts(model: nn.Module, device: torch.device | str | None = None,
     stream = ExpertStream(found, device if device is not None else "cpu") if offload else None
     pin = stream is not None and torch.cuda.is_available()
     for experts in found:
-        experts.omnitune_nf4_meta = {}
         experts.omnitune_nf4_host = {}
         for name in PROJECTIONS:
             param = getattr(experts, name)
@@ -114,12 +110,10 @@ def quantize_experts(model: nn.Module, device: torch.device | str | None = None,
                 raise ValueError(f"cannot quantize a trained weight ({name}): QLoRA keeps the experts frozen")
             weight = param.data.to(device) if device is not None else param.data
             q = quantize_nf4(weight)
-            for part in ("packed", "absmax", "codes") if stream is None else ("codes",):
-                experts.register_buffer(f"{BUFFER_PREFIX}{name}_{part}", getattr(q, part), persistent=False)
+            store_nf4(experts, name, q, ("packed", "absmax", "codes") if stream is None else ("codes",))
             if stream is not None:
                 host = [t.cpu().pin_memory() if pin else t.cpu() for t in (q.packed, q.absmax)]
                 experts.omnitune_nf4_host[name] = tuple(host)
-            experts.omnitune_nf4_meta[name] = (q.shape, q.dtype)
             before += param.numel() * param.element_size()
             after += q.nbytes()
             # the bf16 stack is gone; the (empty) parameter stays so PEFT's wrappers and names are untouched
@@ -145,18 +139,17 @@ def attention_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 @torch.no_grad()
 def quantize_attention(model: nn.Module, device: torch.device | str | None = None) -> tuple[int, int]:
     """The Thinker's frozen q/k/v/o weights in NF4 buffers on `device` (the emptied parameter stays, so names and
-    PEFT's wrappers are unchanged); their forward goes through `_NF4Linear`. Returns (bytes before, bytes after)."""
+    PEFT's wrappers are unchanged); their forward goes through kernels/nf4.py `NF4Linear`. Returns (bytes before,
+    bytes after)."""
     before = after = 0
     for _, linear in attention_linears(model):
         if linear.weight.requires_grad:
             raise ValueError("cannot quantize a trained attention weight: QLoRA keeps the base frozen")
         weight = linear.weight.data.to(device) if device is not None else linear.weight.data
         q = quantize_nf4(weight)
-        for part in ("packed", "absmax", "codes"):
-            linear.register_buffer(f"{BUFFER_PREFIX}{part}", getattr(q, part), persistent=False)
-        linear.omnitune_nf4_meta = (q.shape, q.dtype)
+        store_nf4(linear, "weight", q)
         before += weight.numel() * weight.element_size()
         after += q.nbytes()
         linear.weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
-        linear.forward = nf4_linear_forward.__get__(linear)
+        swap_forwards([linear], nf4_linear_forward, "_omnitune_nf4_linear")
     return before, after

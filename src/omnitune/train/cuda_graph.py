@@ -76,11 +76,23 @@ class GraphedGrads:
         self.replays = 0
 
     # ------------------------------------------------------------------------------------------------ eager
-    def _forward_backward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple, list]:
+    def _run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+        """`loss_fn`'s loss and its extra outputs."""
         out = self.loss_fn(*inputs)
-        loss, extras = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
+        return (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
+
+    def _forward_backward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple, list]:
+        """The loss, extras and the params' gradients as outputs (`.grad` untouched)."""
+        loss, extras = self._run(inputs)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return loss.detach(), tuple(e.detach() for e in extras), list(grads)
+
+    def _into_grads(self, inputs: Sequence[torch.Tensor], params: list[torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, tuple]:
+        """The loss and extras, each gradient added into `.grad` as it is produced (of `params`, or of every leaf)."""
+        loss, extras = self._run(inputs)
+        torch.autograd.backward(loss, inputs=params)
+        return loss.detach(), tuple(e.detach() for e in extras)
 
     def _reached(self, inputs: Sequence[torch.Tensor]) -> list[int]:
         """Runs the micro-step, dropping each gradient as it lands (no set of gradients beside the live ones), and
@@ -96,8 +108,7 @@ class GraphedGrads:
                 param.grad = None
             hooks.append(p.register_post_accumulate_grad_hook(drop))
         try:
-            out = self.loss_fn(*inputs)
-            torch.autograd.backward(out[0] if isinstance(out, tuple) else out, inputs=self.params)
+            self._into_grads(inputs, self.params)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -105,19 +116,9 @@ class GraphedGrads:
                 p.grad = g
         return sorted(reached)
 
-    def _forward_backward_into_grads(self, inputs: Sequence[torch.Tensor], params: list[torch.Tensor]
-                                     ) -> tuple[torch.Tensor, tuple]:
-        out = self.loss_fn(*inputs)
-        loss, extras = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
-        torch.autograd.backward(loss, inputs=params)  # each .grad += its gradient, freed as it is added
-        return loss.detach(), tuple(e.detach() for e in extras)
-
     def _eager(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         self.eager_calls += 1
-        out = self.loss_fn(*inputs)
-        loss, extras = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
-        loss.backward()
-        return loss.detach(), tuple(e.detach() for e in extras)
+        return self._into_grads(inputs)
 
     # ------------------------------------------------------------------------------------------------ graphs
     def _capture(self, inputs: Sequence[torch.Tensor], accumulates: bool) -> _Captured:
@@ -140,7 +141,7 @@ class GraphedGrads:
                 p.grad = self.grad_buffers[i]
             try:
                 with torch.cuda.graph(graph, pool=self.pool):
-                    loss, extras = self._forward_backward_into_grads(static, targets)
+                    loss, extras = self._into_grads(static, targets)
             finally:
                 for p, g in zip(targets, before):
                     p.grad = g

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
 from omnitune.data.collate import HOST_KEYS
@@ -130,8 +131,6 @@ class TalkerCodec:
     def sums(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(codebook-0 CE summed over the batch's frames and ends of speech, code-predictor CE summed over its
         frames, each frame's averaged over the codebooks), fp32 (model/talker_inputs.py `talker_losses`)."""
-        from torch.nn.attention import sdpa_kernel
-
         from omnitune.train.graphed_step import MASKED_SDPA_BACKENDS
 
         if "speech_frames" not in batch:
