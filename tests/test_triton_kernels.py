@@ -32,7 +32,7 @@ def test_the_kernels_compile_for_an_h100():
     from omnitune.kernels.fused_ops import GATHER_SUM_COLS, _gather_sum_kernel
     from omnitune.kernels.nf4 import BLOCK, BYTES_PER_PROGRAM, _nf4_kernel
 
-    compile_for_h100(_nf4_kernel(), {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "codes_ptr": "*fp32",
+    compile_for_h100(_nf4_kernel(), {"packed_ptr": "*u8", "absmax_ptr": "*fp16", "codes_ptr": "*fp32",
                                      "out_ptr": "*bf16", "n_bytes": "i64"},
                      {"BYTES": BYTES_PER_PROGRAM, "BYTES_PER_SCALE": BLOCK // 2})
     compile_for_h100(_gather_sum_kernel(), {"index_ptr": "*i64", "rows_ptr": "*bf16", "out_ptr": "*bf16",

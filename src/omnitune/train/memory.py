@@ -24,7 +24,7 @@ from omnitune.model.qlora import attention_linears
 from omnitune.recipe import Recipe, RecipeError
 
 GiB = 2**30
-NF4_BYTES = 0.5 + 4 / 64  # 4-bit indices + one fp32 absmax per 64 weights (kernels/nf4.py)
+NF4_BYTES = 0.5 + 2 / 64  # 4-bit indices + one fp16 absmax per 64 weights (kernels/nf4.py)
 OPTIMIZER_BYTES = {  # per trained value: AdamW's two moments
     "adamw": 8.0,
     "adamw8bit": 2 + 2 * 4 / 256,  # torchao: int8 codes + an fp32 scale per 256-block, two moments
