@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from omnitune.kernels.adamw import adamw_update_
+from omnitune.train.graphed_optimizer import closure_loss, device_stepped
 
 _PLAIN = {"amsgrad": False, "maximize": False, "differentiable": False, "capturable": False}
 
@@ -89,10 +90,7 @@ class MultiTensorAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         groups = [self._kernel_params(i, group) for i, group in enumerate(self.param_groups)]
         if any(params is None for params in groups):
             if self.skip_if is None or not bool(self.skip_if):  # torch's step: the host must know first
@@ -144,19 +142,21 @@ class MultiTensorAdamW(torch.optim.AdamW):
 
 
 def low_memory_optimizer(kind: str, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-                         device: str, offload_gradients: bool) -> torch.optim.Optimizer:
+                         device: str, offload_gradients: bool, in_backward: bool = False) -> torch.optim.Optimizer:
     """The optimizer of `train.optimizer` (plan.optimizer) over HF's parameter groups, from maintained libraries:
     torchao's block-quantized AdamW8bit / AdamW4bit (fp32 math on dequantized moments, stochastic rounding into
     bf16 weights so updates smaller than a bf16 step are kept in expectation), torchao's CPUOffloadOptimizer
     (moments and the AdamW step in host memory, gradients copied out as the backward produces them), or torch's
-    AdamW (`hf_default` / `multi_tensor_adamw` in a plan that steps in the backward: one tensor at a time)."""
+    AdamW (`hf_default` / `multi_tensor_adamw` in a plan that steps in the backward: one tensor at a time).
+    The low-bit ones step as train/graphed_optimizer.py says (a CUDA graph, skipped on the device), except
+    `in_backward`, where OptimizerInBackward steps them one tensor at a time."""
     groups = [g for g in groups if g["params"]]
     common = {"lr": lr, "betas": betas, "eps": eps}
     if kind in ("adamw8bit", "adamw4bit"):
         from torchao.optim import AdamW4bit, AdamW8bit
 
         cls = AdamW8bit if kind == "adamw8bit" else AdamW4bit
-        return cls(groups, **common, bf16_stochastic_round=True)
+        return (cls if in_backward else device_stepped(cls))(groups, **common, bf16_stochastic_round=True)
     if kind == "adamw_cpu":
         from torchao.optim import CPUOffloadOptimizer
 

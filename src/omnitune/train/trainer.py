@@ -86,7 +86,8 @@ class OmniTrainer(Trainer):
             _, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
             self.optimizer = low_memory_optimizer(
                 plan.optimizer, self._parameter_groups(), lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
-                device=plan.hardware.device, offload_gradients=self.args.gradient_accumulation_steps == 1)
+                device=plan.hardware.device, offload_gradients=self.args.gradient_accumulation_steps == 1,
+                in_backward=plan.optimizer_in_backward)
             if plan.optimizer_in_backward:
                 self.optimizer = OptimizerInBackward(self.optimizer)
             return self.optimizer
