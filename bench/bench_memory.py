@@ -13,6 +13,8 @@ Rows (recipe overrides on bench_train's base: the `instruct` preset at r16, batc
   instruct-accum the instruct row with grad_accum 8: the 8-bit optimizer's step spread as in training
   instruct-fp32 r64 with fp32 LoRA and fp32 AdamW states (before issue 21), no cap
   qlora         QLoRA r16 with bf16 LoRA, 8-bit AdamW stepped in the backward, cap 22 GiB (a 24 GB card)
+  qlora-graphs  the qlora row with the optimizer after the backward (so the step replays as a CUDA graph)
+  qlora-accum   the qlora-graphs row with grad_accum 8 (the gradients held across micro-batches)
   qlora-offload the qlora row with the NF4 experts streamed from pinned host memory, cap 14 GiB (a 16 GB card)
   qlora-plain   QLoRA r16 with fp32 LoRA and AdamW (before issue 21), no cap
   peft          transformers grouped_mm + PEFT r16 as they ship, no cap
@@ -21,7 +23,8 @@ Rows (recipe overrides on bench_train's base: the `instruct` preset at r16, batc
 
 Usage (GPU machine; .wheels holds torchao, bench/fetch_wheels.sh): source bench/gpu_env.sh &&
     python3 bench/bench_memory.py [--runs r16,instruct,qlora,qlora-offload,peft] [--seq 4096 --layers 48 --steps 6
-    --warmup 2]   (the default rows take ~6 minutes; instruct-fp32 and qlora-plain re-measure issue 21's "before")
+    --warmup 2 --profile ROWS --no-cap]   (the default rows take ~6 minutes; instruct-fp32 and qlora-plain re-measure
+    issue 21's "before"; --profile writes profile_ROW.txt: the GPU and host op tables of 3 steps after the window)
 The optimizer steps every micro-batch here (grad_accum 1): the presets accumulate 16, which spreads the low-bit
 optimizer's per-tensor step over 16 micro-batches.
 BENCH_DEVICE=cpu BENCH_TINY=1 dry-runs the same code on a CPU at tiny widths (tests/test_bench.py; no cap there).
@@ -56,6 +59,7 @@ def shipped(preset: str = "instruct") -> list[str]:
 PLAIN = ["adapter.lora_dtype=float32", "train.optimizer=adamw", "train.optimizer_in_backward=false",
          "train.offload_towers=false"]
 LOW = ["adapter.lora_dtype=bfloat16", "train.optimizer=adamw8bit", "train.optimizer_in_backward=true"]
+GRAPHED = [*LOW[:2], "train.optimizer_in_backward=false"]  # the optimizer after the graph
 # name: (overrides, cap in GiB or None, what the row targets)
 RUNS: dict[str, tuple[list[str], float | None, str]] = {
     "r16": (PLAIN, None, "speed reference"),
@@ -64,6 +68,9 @@ RUNS: dict[str, tuple[list[str], float | None, str]] = {
                        "the instruct row stepping every 8 micro-batches (the preset accumulates 16)"),
     "instruct-fp32": (["adapter.rank=64", "adapter.alpha=128", *PLAIN], None, "before: 95.4 GiB measured"),
     "qlora": (["adapter.method=qlora", *LOW], 22.0, "<= 22 GiB, >= 70% of r16 tok/s"),
+    "qlora-graphs": (["adapter.method=qlora", *GRAPHED], 22.0, "<= 22 GiB, >= 70% of r16 tok/s (CUDA graphs)"),
+    "qlora-accum": (["adapter.method=qlora", *GRAPHED, "train.grad_accum=8"], 22.0,
+                    "the qlora-graphs row accumulating 8 micro-batches (the presets accumulate 16)"),
     "qlora-offload": (["adapter.method=qlora", *LOW, "train.offload_experts=true"], 14.0,
                       "<= 14 GiB (community best 7.2 GB at seq 2048)"),
     "qlora-plain": (["adapter.method=qlora", *PLAIN], None, "before: 27.9 GiB measured"),
@@ -77,6 +84,7 @@ DATA = {"video30": "video"}  # rows whose sample is not text: bench_train's 30 s
 def child(name: str, args) -> dict:
     """One row, in this process: cap the allocator, then run bench_train's child (the real trainer)."""
     overrides, cap, _ = RUNS[name]
+    cap = None if args.no_cap else cap
     from omnitune.train import memory
     from omnitune.train import run as train_run
 
@@ -106,7 +114,7 @@ def child(name: str, args) -> dict:
     train_run.check_fits = recording
     # measured even where the estimate says it won't fit: the estimate is recorded beside the peak
     result = bench_train.child(name, [*overrides, "train.check_memory=false", *args.set], args.seq, args.layers,
-                               args.steps, args.warmup, data=DATA.get(name, "text"))
+                               args.steps, args.warmup, profile=args.child_profile, data=DATA.get(name, "text"))
     est = seen.get("estimate")
     result.update(cap_gib=cap, estimate_gib=est.total / 2**30 if est else None,
                   estimate_parts={k: v / 2**30 for k, v in est.parts.items()} if est else None,
@@ -156,18 +164,20 @@ def stream_check(layers: int = 4) -> dict:
 
 def spawn(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--seq", str(args.seq), "--layers", str(args.layers),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), *[a for o in args.set for a in ("--set", o)]]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *[a for o in args.set for a in ("--set", o)],
+           *(["--no-cap"] if args.no_cap else []), *(["--child-profile"] if name in args.profile.split(",") else [])]
+    cap = None if args.no_cap else RUNS[name][1]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return dict(run=name, cap_gib=RUNS[name][1], error=f"timeout after {args.timeout}s")
+        return dict(run=name, cap_gib=cap, error=f"timeout after {args.timeout}s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         err = (proc.stdout + proc.stderr).strip().splitlines()
         oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
         refused = [ln for ln in err if "this recipe needs" in ln]
-        return dict(run=name, cap_gib=RUNS[name][1], wall_s=time.time() - t0,
+        return dict(run=name, cap_gib=cap, wall_s=time.time() - t0,
                     error="OOM" if oom else refused[-1] if refused else "\n".join(err[-25:]))
     out = json.loads(lines[-1][len("RESULT "):])
     out["wall_s"] = time.time() - t0
@@ -202,6 +212,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="recipe override for every run")
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--no-cap", action="store_true", help="run the rows without their cap: each one's own peak")
+    ap.add_argument("--profile", default="", help="rows to profile extra steps of (bench_train's --profile)")
+    ap.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args)), flush=True)
@@ -223,6 +236,7 @@ def main() -> None:
         print(f"stream check: {info['stream_check']}", flush=True)
     for name in args.runs.split(","):
         results.append(spawn(name, args))
+        bench_train.write_profile(out_dir, name, results[-1])
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("plan", "step_intervals_ms",
                                                                           "gpu_step_ms", "profile")}), flush=True)
         (out_dir / "bench_memory.json").write_text(json.dumps(dict(info=info, results=results), indent=1))

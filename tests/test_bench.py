@@ -131,9 +131,10 @@ def test_the_memory_bench_dry_runs_its_rows_through_omnitune_train(tmp_path):
     env = {**os.environ, "BENCH_DEVICE": "cpu", "BENCH_TINY": "1", "OUT": str(tmp_path / "out"),
            "OMNITUNE_CACHE": os.environ["OMNITUNE_CACHE"]}
     cmd = [sys.executable, str(ROOT / "bench" / "bench_memory.py"), "--runs", "r16,instruct,qlora", "--seq", "96",
-           "--layers", "2", "--steps", "3", "--warmup", "1", "--set", "train.precision=fp32"]
+           "--layers", "2", "--steps", "3", "--warmup", "1", "--set", "train.precision=fp32", "--profile", "qlora"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "aten::" in (tmp_path / "out" / "profile_qlora.txt").read_text()
     results = json.loads((tmp_path / "out" / "bench_memory.json").read_text())["results"]
     assert [r["run"] for r in results] == ["r16", "instruct", "qlora"] and all("error" not in r for r in results)
     _, instruct, qlora = results
