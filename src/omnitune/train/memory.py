@@ -214,6 +214,8 @@ def levers(recipe: Recipe, plan, found: dict[str, float]) -> tuple[str, ...]:
     if t.optimizer == "adamw":
         out.append((found["optimizer"] * 0.75, "train.optimizer=adamw8bit or adamw4bit (low-bit AdamW states)"))
         out.append((found["optimizer"], "train.optimizer=adamw_cpu (AdamW states in host memory)"))
+    if t.optimizer == "adamw8bit":
+        out.append((found["optimizer"] / 2, "train.optimizer=adamw4bit (4-bit AdamW states, half of adamw8bit's)"))
     if a.lora_dtype == "float32" and a.method != "full":
         out.append(((found["trainable"] + found["grads"]) / 2,
                     "adapter.lora_dtype=bfloat16 with train.optimizer=adamw8bit|adamw4bit (half the LoRA bytes)"))
