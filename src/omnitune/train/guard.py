@@ -6,7 +6,8 @@ work after that wait (clipping, the optimizer's bookkeeping, the next batch) the
 quarter of the 48-layer step on an H200, issue 22). So each optimizer step the guard only queues a few tiny
 kernels: the flag `~isfinite(grad_norm) | ~isfinite(loss)` (the gradient norm that clipping computes anyway reaches
 every gradient), a running count of skipped steps and of bad steps in a row. MultiTensorAdamW reads the flag inside
-its kernel and leaves weights and moments as they were; the host reads the counts where it reads the GPU anyway
+its kernel and leaves weights and moments as they were; the low-bit AdamW (train/graphed_optimizer.py) reads it on
+the device too and leaves the weights as they were; the host reads the counts where it reads the GPU anyway
 (logging and saving steps, the end of training) and stops the run after `patience` bad steps in a row. An
 optimizer that cannot skip on the device (torch's, off CUDA or on the plain path) gets the flag read before its
 step instead.
@@ -42,7 +43,8 @@ class NonFiniteGuard:
         return hasattr(self.optimizer, "skip_if")
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Give the optimizer the flag: MultiTensorAdamW takes it on the device; any other has its step wrapped."""
+        """Give the optimizer the flag: one with `skip_if` (MultiTensorAdamW, the graphed low-bit AdamW) takes it on
+        the device; any other has its step wrapped."""
         if optimizer is self.optimizer:
             return
         self.optimizer = optimizer
