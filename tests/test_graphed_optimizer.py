@@ -111,6 +111,28 @@ def test_new_gradient_tensors_each_step_run_eagerly_with_the_same_result(eager_t
         assert opt.replays == 3
 
 
+def test_two_gradient_buffers_in_turn_step_as_torchao_does(eager_torchao):
+    """Two sets of gradient tensors used in turn (two graph buckets without accumulation): on a GPU each set gets
+    its graph, the two sharing one memory pool, and the weights are torchao's own after every step."""
+    device = "cuda" if GPU else "cpu"
+    ps, plain = params(device), params(device)
+    opt, ref = device_stepped(AdamW8bit)(ps, lr=1e-2), AdamW8bit(plain, lr=1e-2)
+    holders = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+    for step in range(8):
+        grads = fixed_grads(ps, step)
+        for p, h, g in zip(ps, holders[step % 2], grads):
+            h.copy_(g)
+            p.grad = h
+        for p, g in zip(plain, grads):
+            p.grad = g
+        opt.step()
+        ref.step()
+        for a, b in zip(plain, ps):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    if GPU:
+        assert len(opt._graphs) == 2 and opt.replays == 6  # steps 3-8: each set captured on its second sighting
+
+
 def test_a_loaded_state_dict_resumes_the_same_curve(eager_torchao):
     """A checkpoint of the plain torchao class loads into ours (and the graphs are recaptured)."""
     device = "cuda" if GPU else "cpu"

@@ -13,7 +13,8 @@ second compiles torchao's step for them), while the gradients sit at addresses a
 (train/graphed_step.py's static outputs or accumulation buffers, or what the caching allocator hands back to an
 eager micro-step in the same place). A set of gradient addresses is captured on its second sighting, so gradients
 that land somewhere new each step run eagerly, as torchao's, without a capture (and its memory pool) per step; up
-to `MAX_GRAPHS` graphs are kept (one per graph bucket without accumulation). Loading a state dict drops them.
+to `MAX_GRAPHS` graphs are kept (one per graph bucket without accumulation), their temporaries in one shared
+memory pool (train/cuda_graph.py's reasoning: they never replay at once). Loading a state dict drops them.
 
 Skipping (train/guard.py hands over its flag as `skip_if`, read on the device, never by the host): the gradients
 are made finite and the learning rate is multiplied by (1 - flag), so a bad step leaves the weights exactly as they
@@ -49,6 +50,7 @@ class DeviceSkippedStep:
         super().__init__(*args, **kwargs)
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         self._seen: set[tuple[int, ...]] = set()  # gradient addresses of eager steps: captured when seen again
+        self._pool = None  # one memory pool for the step's temporaries in every graph: they never run at once
         self._compiled = False  # an eager step ran with the step counts and learning rates on the GPU
         self._no_graph = False  # a capture failed: eager from then on
         self._flag: torch.Tensor | None = None  # the skip flag the steps read (static for the graphs)
@@ -107,7 +109,7 @@ class DeviceSkippedStep:
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: a data loader's pin-memory thread may touch CUDA meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._step(params)
         except Exception as e:  # nothing ran during the capture: the step runs eagerly instead
             torch.cuda.synchronize()
@@ -115,6 +117,8 @@ class DeviceSkippedStep:
             log.warning("the optimizer step could not be captured as a CUDA graph (%s: %s): it runs eagerly",
                         type(e).__name__, e)
             return None
+        if self._pool is None:
+            self._pool = graph.pool()
         log.info("captured the optimizer step as a CUDA graph (%d tensors)", len(params))
         return graph
 
