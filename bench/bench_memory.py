@@ -81,10 +81,14 @@ RUNS: dict[str, tuple[list[str], float | None, str]] = {
 DATA = {"video30": "video"}  # rows whose sample is not text: bench_train's 30 s video, real-width towers
 
 
+def row_cap(name: str, args) -> float | None:
+    """The row's memory cap in GiB, None without one (or with --no-cap)."""
+    return None if args.no_cap else RUNS[name][1]
+
+
 def child(name: str, args) -> dict:
     """One row, in this process: cap the allocator, then run bench_train's child (the real trainer)."""
-    overrides, cap, _ = RUNS[name]
-    cap = None if args.no_cap else cap
+    overrides, cap = RUNS[name][0], row_cap(name, args)
     from omnitune.train import memory
     from omnitune.train import run as train_run
 
@@ -166,7 +170,7 @@ def spawn(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--seq", str(args.seq), "--layers", str(args.layers),
            "--steps", str(args.steps), "--warmup", str(args.warmup), *[a for o in args.set for a in ("--set", o)],
            *(["--no-cap"] if args.no_cap else []), *(["--child-profile"] if name in args.profile.split(",") else [])]
-    cap = None if args.no_cap else RUNS[name][1]
+    cap = row_cap(name, args)
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -222,6 +226,9 @@ def main() -> None:
     unknown = [n for n in args.runs.split(",") if n not in RUNS]
     if unknown:
         sys.exit(f"unknown runs {unknown}: choose from {', '.join(RUNS)}")
+    unprofiled = [n for n in args.profile.split(",") if n and n not in args.runs.split(",")]
+    if unprofiled:
+        sys.exit(f"--profile names rows not in --runs: {unprofiled}")
     import peft
     import transformers
 

@@ -38,6 +38,25 @@ def test_nf4_round_trips_grid_values_exactly_and_gaussians_to_nf4_precision():
         quantize_nf4(torch.randn(3, 7))
 
 
+def test_nf4_keeps_blocks_of_tiny_weights_and_refuses_weights_fp16_scales_cannot_hold():
+    """fp16 scales: a block of weights ~1e-6 keeps NF4's relative precision (its scale subnormal, not raised to
+    fp16's smallest normal 6.1e-5, which rounded the block to zeros); a non-finite or >65504 weight is a clear
+    error naming the tensor (the CLI prints it as one line), not a silently clamped scale."""
+    from omnitune.errors import OmnituneError
+
+    torch.manual_seed(0)
+    tiny = torch.randn(4, BLOCK) * 1e-6
+    back = dequantize_nf4(quantize_nf4(tiny))
+    assert float((back - tiny).norm() / tiny.norm()) < 0.15  # NF4's own error on Gaussians is ~0.1
+    zero = torch.zeros(2, BLOCK)
+    assert torch.equal(dequantize_nf4(quantize_nf4(zero)), zero)
+    for bad in (float("inf"), float("nan"), 1e5):
+        w = torch.randn(2, BLOCK)
+        w[1, 3] = bad
+        with pytest.raises(OmnituneError, match="layers.0.q_proj"):
+            quantize_nf4(w, "layers.0.q_proj")
+
+
 def _lora_model():
     torch.manual_seed(0)
     model = get_peft_model(tiny_thinker("omnitune"), lora_config())

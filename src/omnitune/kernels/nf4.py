@@ -11,9 +11,12 @@ reference.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
+
+from omnitune.errors import OmnituneError
 
 BLOCK = 64
 BUFFER_PREFIX = "omnitune_nf4_"  # a module's NF4 buffers: {prefix}[name_]packed / absmax / codes
@@ -21,6 +24,10 @@ NF4_CODES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
              0.7229568362236023, 1.0)
+
+
+class NF4RangeError(OmnituneError, ValueError):
+    """A weight that NF4 with fp16 block scales cannot represent."""
 
 
 @dataclass
@@ -39,14 +46,21 @@ class NF4Weight:
 
 
 @torch.no_grad()
-def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
+def quantize_nf4(weight: torch.Tensor, what: str = "a weight") -> NF4Weight:
     """Round every weight to the nearest NF4 code of its block's absmax scale (the scale as fp16 stores it, so the
-    indices are chosen against the scale that dequantizing will use)."""
+    indices are chosen against the scale that dequantizing will use). Scales below fp16's normal range stay
+    subnormal rather than being raised to it, so a block of tiny weights keeps them; a weight fp16 cannot scale
+    (non-finite, or above 65504 in magnitude: no trained bf16 model has one) is refused with `what` named."""
     if weight.numel() % BLOCK:
         raise ValueError(f"NF4 needs a multiple of {BLOCK} weights, got {tuple(weight.shape)}")
     blocks = weight.detach().reshape(-1, BLOCK).float()
-    half = torch.finfo(torch.float16)
-    absmax = blocks.abs().amax(dim=1).clamp(half.tiny, half.max).to(torch.float16)
+    amax = blocks.abs().amax(dim=1)
+    peak = float(amax.max()) if amax.numel() else 0.0  # one read per tensor, at load time
+    if not math.isfinite(peak) or peak > torch.finfo(torch.float16).max:
+        raise NF4RangeError(f"cannot store {what} {tuple(weight.shape)} in NF4: it holds a weight of magnitude "
+                            f"{peak:g}, beyond the fp16 block scales (65504); the checkpoint's weights look damaged "
+                            "(train with adapter.method=lora to keep them in bf16)")
+    absmax = amax.clamp_min(2.0**-24).to(torch.float16)  # fp16's smallest subnormal: a zero block stays zero
     codes = torch.tensor(NF4_CODES, dtype=torch.float32, device=weight.device)
     midpoints = (codes[1:] + codes[:-1]) / 2
     index = torch.bucketize(blocks / absmax.float()[:, None], midpoints).to(torch.uint8).reshape(-1)

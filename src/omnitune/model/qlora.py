@@ -109,7 +109,7 @@ def quantize_experts(model: nn.Module, device: torch.device | str | None = None,
             if param.requires_grad:
                 raise ValueError(f"cannot quantize a trained weight ({name}): QLoRA keeps the experts frozen")
             weight = param.data.to(device) if device is not None else param.data
-            q = quantize_nf4(weight)
+            q = quantize_nf4(weight, f"the experts' {name}")
             store_nf4(experts, name, q, ("packed", "absmax", "codes") if stream is None else ("codes",))
             if stream is not None:
                 host = [t.cpu().pin_memory() if pin else t.cpu() for t in (q.packed, q.absmax)]
@@ -142,11 +142,11 @@ def quantize_attention(model: nn.Module, device: torch.device | str | None = Non
     PEFT's wrappers are unchanged); their forward goes through kernels/nf4.py `NF4Linear`. Returns (bytes before,
     bytes after)."""
     before = after = 0
-    for _, linear in attention_linears(model):
+    for name, linear in attention_linears(model):
         if linear.weight.requires_grad:
             raise ValueError("cannot quantize a trained attention weight: QLoRA keeps the base frozen")
         weight = linear.weight.data.to(device) if device is not None else linear.weight.data
-        q = quantize_nf4(weight)
+        q = quantize_nf4(weight, name)
         store_nf4(linear, "weight", q)
         before += weight.numel() * weight.element_size()
         after += q.nbytes()
